@@ -1,0 +1,396 @@
+"""ClusterIndex: blockwise k-means clusters of the keys of every sequence and KV head.
+
+Per sequence the clustered region (tokens ``[sink, sink + clustered_len)``) is cut into blocks
+of ``block_size`` tokens. Full blocks are frozen; the last block is *open*: each online update
+adds ``interval`` tokens to it, seeds its new clusters on the new keys and refines it with a
+few Lloyd steps. When the open block is full it is frozen and the next update opens a new one,
+so no frozen token ever points at a cluster that moves.
+
+Cluster ids are per sequence, contiguous per block, in block order. Level 0 clusters tokens;
+with ``levels == 2``, level 1 clusters the level-0 centroids of each block (weighted by their
+sizes), so every level-1 centroid is the exact mean of its tokens.
+
+Block layout and counts are host-side integers (metadata, O(sequences + blocks)); the tensor
+work of a call runs over all blocks, heads and clusters at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MultipoleConfig
+from .ops.kmeans import cluster_means, hash_uniform, kmeans
+
+_COARSE_SALT = 0x5BD1E995
+
+
+@dataclass
+class ClusterLevel:
+    """Centroids of one level, padded over sequences to a common capacity ``C``.
+
+    Attributes:
+        key_centroids: ``[B, H_kv, C, D]`` float32 means of the clustering keys.
+        value_centroids: ``[B, H_kv, C, D]`` float32 means of the values.
+        sizes: ``[B, H_kv, C]`` int64 tokens per cluster (exact label histogram; 0 = unused).
+        attention_key_centroids: ``[B, H_kv, C, D]`` means of the attention keys, or None when
+            they are not needed (far field from clustering keys, or the two keys coincide).
+        count: clusters in use per sequence.
+        open_start: first cluster id of the open block per sequence.
+    """
+
+    key_centroids: torch.Tensor
+    value_centroids: torch.Tensor
+    sizes: torch.Tensor
+    attention_key_centroids: torch.Tensor | None
+    count: list[int]
+    open_start: list[int]
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int, int], attention_keys: bool, device) -> ClusterLevel:
+        b, h, c, d = shape
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(b, h, c, d, dtype=torch.float32, device=device)
+
+        return cls(
+            zeros(),
+            zeros(),
+            torch.zeros(b, h, c, dtype=torch.int64, device=device),
+            zeros() if attention_keys else None,
+            [0] * b,
+            [0] * b,
+        )
+
+    def reserve(self, needed: int) -> None:
+        """Grow the cluster capacity to at least ``needed`` (amortised doubling)."""
+        capacity = self.sizes.shape[-1]
+        if needed <= capacity:
+            return
+        new = max(needed, 2 * capacity)
+        self.key_centroids = _grow(self.key_centroids, 2, new, 0)
+        self.value_centroids = _grow(self.value_centroids, 2, new, 0)
+        self.sizes = _grow(self.sizes, 2, new, 0)
+        if self.attention_key_centroids is not None:
+            self.attention_key_centroids = _grow(self.attention_key_centroids, 2, new, 0)
+
+
+@dataclass
+class _Blocks:
+    """A batch of blocks to (re)fit: one row per block, host lists turned into tensors."""
+
+    seq: torch.Tensor  # [nb] sequence of the block
+    token_start: torch.Tensor  # [nb] absolute position of the block's first token
+    num_tokens: torch.Tensor  # [nb] tokens in the block
+    new_from: torch.Tensor  # [nb] tokens before this offset keep their clusters as seeds
+    cluster_start: torch.Tensor  # [nb] first level-0 cluster id
+    old_clusters: torch.Tensor  # [nb] clusters kept from before (init), the rest are seeded
+    num_clusters: torch.Tensor  # [nb] level-0 clusters after the fit
+    coarse_start: torch.Tensor  # [nb] first level-1 cluster id
+    num_coarse: torch.Tensor  # [nb] level-1 clusters
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[int, ...]], device) -> _Blocks:
+        cols = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 9).to(device)
+        return cls(*cols.unbind(1))
+
+
+class ClusterIndex:
+    """Clusters of the clustered region of every sequence and KV head (see module doc)."""
+
+    def __init__(
+        self,
+        config: MultipoleConfig,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        token_capacity: int,
+        device: torch.device,
+        attention_keys: bool,
+    ) -> None:
+        self.config = config
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.open_block_start = [0] * batch  # offset of the open block in the clustered region
+        self.labels = torch.full(
+            (batch, num_kv_heads, token_capacity), -1, dtype=torch.int64, device=device
+        )
+        shape = (batch, num_kv_heads, 0, head_dim)
+        self.level0 = ClusterLevel.empty(shape, attention_keys, device)
+        self.level1 = (
+            ClusterLevel.empty(shape, attention_keys, device) if config.levels == 2 else None
+        )
+        self.parent = (
+            torch.full((batch, num_kv_heads, 0), -1, dtype=torch.int64, device=device)
+            if config.levels == 2
+            else None
+        )
+
+    # ------------------------------------------------------------------ building
+    def reserve_tokens(self, needed: int) -> None:
+        self.labels = _grow(self.labels, 2, needed, -1)
+
+    def prefill(
+        self,
+        cluster_keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_keys: torch.Tensor | None,
+        clustered_len: list[int],
+    ) -> None:
+        """Cluster the first ``clustered_len[b]`` tokens after the sink of every sequence."""
+        cfg = self.config
+        rows = []
+        for b, length in enumerate(clustered_len):
+            clusters = coarse = 0
+            for start in range(0, length, cfg.block_size):
+                size = min(cfg.block_size, length - start)
+                k, k1 = cfg.clusters_for(size), cfg.coarse_clusters_for(cfg.clusters_for(size))
+                rows.append((b, cfg.sink_tokens + start, size, 0, clusters, 0, k, coarse, k1))
+                self.open_block_start[b] = start
+                self.level0.open_start[b], clusters = clusters, clusters + k
+                if self.level1 is not None:
+                    self.level1.open_start[b], coarse = coarse, coarse + k1
+            self.level0.count[b] = clusters
+            if self.level1 is not None:
+                self.level1.count[b] = coarse
+            self._close_full_open_block(b, length)
+        self._fit(rows, cluster_keys, values, attention_keys, cfg.kmeans_iters)
+
+    def advance(
+        self,
+        cluster_keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_keys: torch.Tensor | None,
+        seqs: list[int],
+        clustered_len: list[int],
+    ) -> None:
+        """Online update: move ``interval`` tokens of each listed sequence into its open block.
+
+        The new tokens are the oldest ``interval`` tokens of the recent window. New clusters
+        (to keep ``centroid_ratio``) are seeded on new keys, then ``update_iters`` Lloyd steps
+        refine the whole open block; frozen blocks are untouched. ``clustered_len`` holds the
+        lengths before the update.
+        """
+        cfg = self.config
+        rows = []
+        for b in seqs:
+            old_tokens = clustered_len[b] - self.open_block_start[b]
+            size = old_tokens + cfg.interval
+            k_old = self.level0.count[b] - self.level0.open_start[b]
+            k = cfg.clusters_for(size)
+            k1 = cfg.coarse_clusters_for(k)
+            start1 = self.level1.open_start[b] if self.level1 is not None else 0
+            token_start = cfg.sink_tokens + self.open_block_start[b]
+            rows.append(
+                (b, token_start, size, old_tokens, self.level0.open_start[b], k_old, k, start1, k1)
+            )
+            self.level0.count[b] = self.level0.open_start[b] + k
+            if self.level1 is not None:
+                self.level1.count[b] = start1 + k1
+            self._close_full_open_block(b, clustered_len[b] + cfg.interval)
+        self._fit(rows, cluster_keys, values, attention_keys, cfg.update_iters)
+
+    def _close_full_open_block(self, b: int, length: int) -> None:
+        """Freeze the open block once it holds ``block_size`` tokens."""
+        if length - self.open_block_start[b] >= self.config.block_size:
+            self.open_block_start[b] = length
+            self.level0.open_start[b] = self.level0.count[b]
+            if self.level1 is not None:
+                self.level1.open_start[b] = self.level1.count[b]
+
+    def _fit(
+        self,
+        rows: list[tuple[int, ...]],
+        cluster_keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_keys: torch.Tensor | None,
+        iters: int,
+    ) -> None:
+        if not rows:
+            return
+        device = self.labels.device
+        blocks = _Blocks.from_rows(rows, device)
+        self.level0.reserve(max(self.level0.count))
+        self._fit_level0(blocks, cluster_keys, values, attention_keys, iters)
+        if self.level1 is not None:
+            self.level1.reserve(max(self.level1.count))
+            self.parent = _grow(self.parent, 2, self.level0.sizes.shape[-1], -1)
+            self._fit_level1(blocks)
+
+    def _fit_level0(
+        self,
+        blocks: _Blocks,
+        cluster_keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_keys: torch.Tensor | None,
+        iters: int,
+    ) -> None:
+        cfg, h = self.config, self.num_kv_heads
+        nb = blocks.seq.shape[0]
+        n_max = int(blocks.num_tokens.max())
+        k_max = int(blocks.num_clusters.max())
+        offsets = torch.arange(n_max, device=blocks.seq.device)
+        positions = blocks.token_start.unsqueeze(1) + offsets  # [nb, n]
+        valid = offsets < blocks.num_tokens.unsqueeze(1)  # [nb, n]
+        positions = torch.where(valid, positions, blocks.token_start.unsqueeze(1))
+        points = _gather_rows(cluster_keys, blocks.seq, positions)  # [nb, H, n, D]
+
+        # Seeds for the clusters that are new in this fit: highest-priority new tokens.
+        heads = torch.arange(h, device=points.device).view(1, h, 1)
+        priority = hash_uniform(cfg.seed, heads, positions.unsqueeze(1))  # [nb, H, n]
+        is_new = valid & (offsets >= blocks.new_from.unsqueeze(1))
+        priority = priority.masked_fill(~is_new.unsqueeze(1), float("-inf"))
+        num_new = int((blocks.num_clusters - blocks.old_clusters).max())
+        seed_idx = priority.topk(max(1, min(num_new, n_max)), dim=-1).indices  # [nb, H, s]
+        seeds = points.gather(2, seed_idx.unsqueeze(-1).expand(-1, -1, -1, points.shape[-1]))
+
+        slots = torch.arange(k_max, device=points.device)
+        cluster_ids = blocks.cluster_start.unsqueeze(1) + slots  # [nb, k]
+        old = _gather_rows(
+            self.level0.key_centroids,
+            blocks.seq,
+            cluster_ids.clamp_max(self.level0.sizes.shape[-1] - 1),
+        )
+        new_slot = (slots - blocks.old_clusters.unsqueeze(1)).clamp(0, seed_idx.shape[-1] - 1)
+        seeded = seeds.gather(2, new_slot.view(nb, 1, k_max, 1).expand(-1, h, -1, seeds.shape[-1]))
+        keep_old = (slots < blocks.old_clusters.unsqueeze(1)).view(nb, 1, k_max, 1)
+        init = torch.where(keep_old, old, seeded.float())
+
+        weights = valid.unsqueeze(1).expand(-1, h, -1).float()
+        result = kmeans(
+            points.flatten(0, 1),
+            blocks.num_clusters.repeat_interleave(h),
+            iters,
+            weights=weights.flatten(0, 1),
+            init=init.flatten(0, 1),
+        )
+        local = result.labels.view(nb, h, n_max)
+        vals = _gather_rows(values, blocks.seq, positions)
+        value_means, _ = cluster_means(
+            vals.flatten(0, 1), local.flatten(0, 1), weights.flatten(0, 1), k_max
+        )
+
+        global_labels = torch.where(local >= 0, local + blocks.cluster_start.view(nb, 1, 1), -1)
+        _scatter_rows(self.labels, blocks.seq, positions, global_labels, valid)
+        in_block = slots < blocks.num_clusters.unsqueeze(1)  # [nb, k]
+        level = self.level0
+        _scatter_rows(
+            level.key_centroids,
+            blocks.seq,
+            cluster_ids,
+            result.centroids.view(nb, h, k_max, -1),
+            in_block,
+        )
+        _scatter_rows(
+            level.value_centroids,
+            blocks.seq,
+            cluster_ids,
+            value_means.view(nb, h, k_max, -1),
+            in_block,
+        )
+        sizes = result.sizes.round().long().view(nb, h, k_max)
+        _scatter_rows(level.sizes, blocks.seq, cluster_ids, sizes, in_block)
+        if level.attention_key_centroids is not None:
+            assert attention_keys is not None
+            att = _gather_rows(attention_keys, blocks.seq, positions)
+            att_means, _ = cluster_means(
+                att.flatten(0, 1), local.flatten(0, 1), weights.flatten(0, 1), k_max
+            )
+            _scatter_rows(
+                level.attention_key_centroids,
+                blocks.seq,
+                cluster_ids,
+                att_means.view(nb, h, k_max, -1),
+                in_block,
+            )
+
+    def _fit_level1(self, blocks: _Blocks) -> None:
+        """Cluster each block's level-0 centroids (weighted by size) into its level-1 clusters."""
+        assert self.level1 is not None and self.parent is not None
+        cfg, h, fine, coarse = self.config, self.num_kv_heads, self.level0, self.level1
+        nb = blocks.seq.shape[0]
+        k_max = int(blocks.num_clusters.max())
+        slots = torch.arange(k_max, device=blocks.seq.device)
+        in_block = slots < blocks.num_clusters.unsqueeze(1)
+        ids = torch.where(
+            in_block, blocks.cluster_start.unsqueeze(1) + slots, blocks.cluster_start.unsqueeze(1)
+        )
+        centroids = _gather_rows(fine.key_centroids, blocks.seq, ids)  # [nb, H, k, D]
+        weights = _gather_rows(fine.sizes, blocks.seq, ids).float() * in_block.unsqueeze(1)
+        heads = torch.arange(h, device=ids.device).view(1, h, 1)
+        priority = hash_uniform(cfg.seed ^ _COARSE_SALT, heads, ids.unsqueeze(1))
+        result = kmeans(
+            centroids.flatten(0, 1),
+            blocks.num_coarse.repeat_interleave(h),
+            cfg.kmeans_iters,
+            weights=weights.flatten(0, 1),
+            priority=priority.flatten(0, 1),
+        )
+        k1 = result.centroids.shape[1]
+        local = result.labels.view(nb, h, k_max)
+        w = weights.flatten(0, 1)
+        parent = torch.where(local >= 0, local + blocks.coarse_start.view(nb, 1, 1), -1)
+        _scatter_rows(self.parent, blocks.seq, ids, parent, in_block)
+        slots1 = torch.arange(k1, device=ids.device)
+        ids1 = blocks.coarse_start.unsqueeze(1) + slots1
+        in_block1 = slots1 < blocks.num_coarse.unsqueeze(1)
+        value_means, _ = cluster_means(
+            _gather_rows(fine.value_centroids, blocks.seq, ids).flatten(0, 1),
+            local.flatten(0, 1),
+            w,
+            k1,
+        )
+        _scatter_rows(
+            coarse.key_centroids, blocks.seq, ids1, result.centroids.view(nb, h, k1, -1), in_block1
+        )
+        _scatter_rows(
+            coarse.value_centroids, blocks.seq, ids1, value_means.view(nb, h, k1, -1), in_block1
+        )
+        sizes = result.sizes.round().long().view(nb, h, k1)
+        _scatter_rows(coarse.sizes, blocks.seq, ids1, sizes, in_block1)
+        if coarse.attention_key_centroids is not None:
+            assert fine.attention_key_centroids is not None
+            att = _gather_rows(fine.attention_key_centroids, blocks.seq, ids).flatten(0, 1)
+            att_means, _ = cluster_means(att, local.flatten(0, 1), w, k1)
+            _scatter_rows(
+                coarse.attention_key_centroids,
+                blocks.seq,
+                ids1,
+                att_means.view(nb, h, k1, -1),
+                in_block1,
+            )
+
+
+def _grow(t: torch.Tensor, dim: int, needed: int, fill: float) -> torch.Tensor:
+    """Return ``t`` padded with ``fill`` along ``dim`` to at least ``needed`` (doubling)."""
+    size = t.shape[dim]
+    if needed <= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = max(needed, 2 * size)
+    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, size).copy_(t)
+    return out
+
+
+def _gather_rows(store: torch.Tensor, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``store[seq[i], :, index[i, j]]`` as ``[nb, H, n, ...]`` for ``store [B, H, N, ...]``."""
+    out = store[seq.unsqueeze(1), :, index]  # [nb, n, H, ...]
+    return out.transpose(1, 2)
+
+
+def _scatter_rows(
+    store: torch.Tensor,
+    seq: torch.Tensor,
+    index: torch.Tensor,
+    data: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    """``store[seq[i], h, index[i, j]] = data[i, h, j]`` wherever ``mask[i, j]``."""
+    h = store.shape[1]
+    rows, cols = mask.nonzero(as_tuple=True)
+    b = seq[rows].unsqueeze(1).expand(-1, h)
+    heads = torch.arange(h, device=store.device).unsqueeze(0).expand(rows.shape[0], -1)
+    pos = index[rows, cols].unsqueeze(1).expand(-1, h)
+    store[b, heads, pos] = data[rows, :, cols].to(store.dtype)

@@ -1,0 +1,3 @@
+from .reference import cluster_logits, log_importance, select_by_budget
+
+__all__ = ["cluster_logits", "log_importance", "select_by_budget"]

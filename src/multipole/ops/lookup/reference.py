@@ -1,0 +1,66 @@
+"""Centroid lookup: score clusters against a query group and select them to a token budget."""
+
+from __future__ import annotations
+
+import torch
+
+from ..decode.reference import compute_dtype
+
+NEG_INF = float("-inf")
+
+
+def cluster_logits(q: torch.Tensor, key_centroids: torch.Tensor, scale: float) -> torch.Tensor:
+    """Logits ``s q . Kc`` of every query head of a group against every cluster.
+
+    Args:
+        q: ``[B, H_kv, G, D]``; key_centroids: ``[B, H_kv, C, D]``.
+    Returns:
+        ``[B, H_kv, G, C]`` in the accumulation dtype.
+    """
+    dtype = compute_dtype(q.dtype)
+    return torch.matmul(q.to(dtype), key_centroids.to(dtype).transpose(-1, -2)) * scale
+
+
+def log_importance(
+    logits: torch.Tensor, include: torch.Tensor, log_denominator: torch.Tensor
+) -> torch.Tensor:
+    """Log of each cluster's estimated per-key attention probability, summed over the group.
+
+    ``P[g, c] = exp(z[g, c]) / sum_j N_j exp(z[g, j])`` (the paper's eq. 1), the importance of
+    cluster c is ``sum_g P[g, c]``; this returns its log (no underflow at extreme logits).
+
+    Args:
+        logits: ``[B, H_kv, G, C]``.
+        include: ``[B, H_kv, C]`` bool, the clusters to rank (others get ``-inf``).
+        log_denominator: ``[B, H_kv, G]``, ``log sum_j N_j exp(z[g, j])``.
+    Returns:
+        ``[B, H_kv, C]``.
+    """
+    safe = torch.where(torch.isfinite(log_denominator), log_denominator, 0.0)
+    score = torch.logsumexp(logits - safe.unsqueeze(-1), dim=-2)
+    return score.masked_fill(~include, NEG_INF)
+
+
+def select_by_budget(
+    score: torch.Tensor, sizes: torch.Tensor, include: torch.Tensor, budget: torch.Tensor
+) -> torch.Tensor:
+    """Take clusters in descending score while their total size stays within the budget.
+
+    The selection is the longest prefix of the included clusters, ordered by score (ties by
+    lower index), whose sizes sum to at most ``budget``: no partial clusters; a cluster larger
+    than what is left ends the selection.
+
+    Args:
+        score: ``[B, H_kv, C]``; sizes: ``[B, H_kv, C]`` int; include: ``[B, H_kv, C]`` bool.
+        budget: ``[B]`` int tokens per KV head.
+    Returns:
+        ``[B, H_kv, C]`` bool.
+    """
+    include = include & (sizes > 0)
+    ranked = score.masked_fill(~include, NEG_INF)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    sorted_sizes = torch.where(include, sizes, 0).gather(-1, order)
+    fits = sorted_sizes.cumsum(-1) <= budget.view(-1, 1, 1)
+    selected = torch.zeros_like(include)
+    selected.scatter_(-1, order, fits)
+    return selected & include

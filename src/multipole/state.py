@@ -1,0 +1,501 @@
+"""Decode states: a KV cache that answers one query per sequence, reading part of the cache.
+
+:class:`DecodeState` holds the keys and values of a ragged batch and the split of every
+sequence into sink, clustered (middle) and recent regions; subclasses decide what each query
+reads. :class:`MultipoleState` is Multipole Attention; ``multipole.baselines`` holds the others,
+behind the same ``prefill`` / ``attend`` / ``append`` / ``stats`` interface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import checks
+from .config import MultipoleConfig
+from .index import ClusterIndex
+from .ops.decode import attend_tokens, far_field, merge_states
+from .ops.lookup import cluster_logits, log_importance, select_by_budget
+
+
+@dataclass(frozen=True)
+class AttendStats:
+    """What the last ``attend`` read, for comparisons at an equal number of bytes.
+
+    Attributes:
+        tokens_exact: tokens attended exactly, mean over (sequence, KV head).
+        clusters_selected: clusters whose tokens were attended exactly, mean over (sequence,
+            KV head).
+        centroids_scored: centroids (all levels) or page summaries read, mean per KV head.
+        bytes_read: bytes of keys, values, centroids and metadata read, whole batch.
+        dense_bytes: bytes of keys and values a dense step reads, whole batch.
+    """
+
+    tokens_exact: float
+    clusters_selected: float
+    centroids_scored: float
+    bytes_read: int
+    dense_bytes: int
+
+    @property
+    def read_fraction(self) -> float:
+        """``bytes_read / dense_bytes``."""
+        return self.bytes_read / max(1, self.dense_bytes)
+
+
+@dataclass
+class Reads:
+    """Per (sequence, KV head) counts of one attend: ``[B, H_kv]`` tensors (no host sync)."""
+
+    tokens_exact: torch.Tensor
+    clusters_selected: torch.Tensor
+    centroids_scored: torch.Tensor
+    metadata_bytes: torch.Tensor
+
+
+def initial_clustered_len(seq_len: int, config: MultipoleConfig) -> int:
+    """Length of the clustered region after prefill: the largest multiple of ``interval`` that
+    leaves ``interval`` to ``2 * interval - 1`` recent tokens after the sink (0 if too short)."""
+    free = seq_len - config.sink_tokens
+    return config.interval * (free // config.interval - 1) if free >= 2 * config.interval else 0
+
+
+class DecodeState:
+    """Keys and values of a ragged batch, with the regions of Multipole Attention.
+
+    Per sequence: tokens ``[0, sink_tokens)`` (sink) and ``[sink_tokens + clustered_len, n)``
+    (recent window) are always attended exactly; the middle ``clustered_len`` tokens are where
+    methods differ. The recent window holds ``interval`` to ``2 * interval - 1`` tokens once
+    the sequence is long enough: when it reaches ``2 * interval``, its oldest ``interval`` tokens
+    join the middle region (for Multipole Attention, that is the online cluster update).
+
+    Use :meth:`prefill` to build one; subclasses implement :meth:`_attend`.
+    """
+
+    config: MultipoleConfig
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        config: MultipoleConfig,
+        cluster_keys: torch.Tensor | None,
+        seq_lens: list[int],
+    ) -> None:
+        self.config = config
+        self._keys = keys
+        self._values = values
+        self._cluster_keys = cluster_keys
+        self.seq_lens = seq_lens
+        self.clustered_len = [initial_clustered_len(n, config) for n in seq_lens]
+        self._reads: Reads | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def prefill(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        config: MultipoleConfig | None = None,
+        *,
+        cluster_keys: torch.Tensor | None = None,
+        lengths: torch.Tensor | list[int] | None = None,
+    ):
+        """Build the state from the prompt's keys and values.
+
+        Args:
+            keys, values: ``[B, H_kv, N, D]`` (float16, bfloat16, float32 or float64).
+            config: settings; default ``MultipoleConfig()``.
+            cluster_keys: ``[B, H_kv, N, D]`` keys used only for clustering (e.g. keys before
+                RoPE); default: ``keys``.
+            lengths: ``[B]`` valid lengths in ``[1, N]`` (right padding); default: all ``N``.
+        """
+        config = MultipoleConfig() if config is None else config
+        if not isinstance(config, MultipoleConfig):
+            raise TypeError(f"config: expected a MultipoleConfig, got {type(config).__name__}")
+        dims = ("B", "num_kv_heads", "N", "head_dim")
+        checks.check_tensor("keys", keys, dims)
+        b, h, n, d = keys.shape
+        if min(b, h, n, d) < 1:
+            raise ValueError(
+                f"keys: expected non-empty [B, num_kv_heads, N, head_dim], got {list(keys.shape)}"
+            )
+        checks.check_tensor("values", values, dims)
+        checks.check_shape("values", values, dims, keys.shape)
+        checks.check_like("values", values, "keys", keys)
+        if cluster_keys is not None:
+            checks.check_tensor("cluster_keys", cluster_keys, dims)
+            checks.check_shape("cluster_keys", cluster_keys, dims, keys.shape)
+            checks.check_like("cluster_keys", cluster_keys, "keys", keys)
+        seq_lens = checks.check_lengths("lengths", lengths, b, n, keys.device).tolist()
+        if checks.should_validate(config.validate, keys):
+            for name, t in (("keys", keys), ("values", values), ("cluster_keys", cluster_keys)):
+                if t is not None:
+                    checks.check_finite(name, t)
+        return cls(keys.clone(), values.clone(), config, _clone(cluster_keys), seq_lens)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch_size(self) -> int:
+        return self._keys.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._keys.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self._keys.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._keys.device
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``[B, H_kv, max(seq_lens), D]`` cached keys (past a sequence's length: padding)."""
+        return self._keys[:, :, : max(self.seq_lens)]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, :, : max(self.seq_lens)]
+
+    @property
+    def cluster_keys(self) -> torch.Tensor:
+        """Keys used for clustering (the attention keys unless others were given)."""
+        store = self._keys if self._cluster_keys is None else self._cluster_keys
+        return store[:, :, : max(self.seq_lens)]
+
+    # ------------------------------------------------------------------ decode
+    def attend(
+        self, q: torch.Tensor, *, lookup_q: torch.Tensor | None = None, scale: float | None = None
+    ) -> torch.Tensor:
+        """Attention output of one decode query per sequence.
+
+        Args:
+            q: ``[B, num_q_heads, D]``, ``num_q_heads`` a multiple of ``num_kv_heads``.
+            lookup_q: ``[B, num_q_heads, D]`` query used only to score centroids (e.g. rotated
+                at ``config.lookup_position``); default ``q``.
+            scale: softmax scale; default ``1 / sqrt(D)``.
+        Returns:
+            ``[B, num_q_heads, D]`` in the dtype of ``q``.
+        """
+        qg = self._check_query("q", q)
+        lg = qg if lookup_q is None else self._check_query("lookup_q", lookup_q)
+        scale = _check_scale(scale, self.head_dim)
+        out, _, reads = self._attend(qg, lg, scale)
+        self._reads = reads
+        return out.reshape(q.shape).to(q.dtype)
+
+    def _attend(
+        self, q: torch.Tensor, lookup_q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, Reads]:
+        """Return ``(out [B, H_kv, G, D], lse [B, H_kv, G], reads)`` for grouped queries."""
+        raise NotImplementedError  # abstract: every state class defines what it reads
+
+    def _check_query(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        dims = ("B", "num_q_heads", "head_dim")
+        checks.check_tensor(name, q, dims)
+        checks.check_shape(name, q, dims, (self.batch_size, None, self.head_dim))
+        checks.check_like(name, q, "keys", self._keys)
+        group = checks.check_heads(name, q.shape[1], self.num_kv_heads)
+        if checks.should_validate(self.config.validate, q):
+            checks.check_finite(name, q)
+        return q.view(self.batch_size, self.num_kv_heads, group, self.head_dim)
+
+    # ------------------------------------------------------------------ append
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, *, cluster_keys: torch.Tensor | None = None
+    ) -> None:
+        """Append ``T`` new tokens to every sequence and run the online updates that fall due.
+
+        Args:
+            keys, values: ``[B, H_kv, T, D]``, same dtype and device as the cache.
+            cluster_keys: ``[B, H_kv, T, D]``; required if and only if prefill had them.
+        """
+        dims = ("B", "num_kv_heads", "T", "head_dim")
+        expected = (self.batch_size, self.num_kv_heads, None, self.head_dim)
+        for name, t in (("keys", keys), ("values", values)):
+            checks.check_tensor(name, t, dims)
+            checks.check_shape(name, t, dims, expected)
+            checks.check_like(name, t, "the cache", self._keys)
+        checks.check_shape("values", values, dims, keys.shape)
+        if (cluster_keys is None) != (self._cluster_keys is None):
+            state = "had" if self._cluster_keys is not None else "had no"
+            raise ValueError(
+                f"cluster_keys: prefill {state} cluster_keys, so append must "
+                f"{'pass' if self._cluster_keys is not None else 'not pass'} them"
+            )
+        if cluster_keys is not None:
+            checks.check_tensor("cluster_keys", cluster_keys, dims)
+            checks.check_shape("cluster_keys", cluster_keys, dims, keys.shape)
+            checks.check_like("cluster_keys", cluster_keys, "the cache", self._keys)
+        t = keys.shape[2]
+        if t < 1:
+            raise ValueError("keys: expected at least one new token (T >= 1), got T = 0")
+        if checks.should_validate(self.config.validate, keys):
+            for name, x in (("keys", keys), ("values", values), ("cluster_keys", cluster_keys)):
+                if x is not None:
+                    checks.check_finite(name, x)
+
+        self._reserve_tokens(max(self.seq_lens) + t)
+        positions = torch.tensor(self.seq_lens, device=self.device).unsqueeze(1) + torch.arange(
+            t, device=self.device
+        )  # [B, T]
+        rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
+        for store, new in (
+            (self._keys, keys),
+            (self._values, values),
+            (self._cluster_keys, cluster_keys),
+        ):
+            if store is not None and new is not None:
+                store[rows, :, positions] = new.transpose(1, 2)
+        self.seq_lens = [n + t for n in self.seq_lens]
+        self._advance_due()
+
+    def _advance_due(self) -> None:
+        """Move ``interval`` tokens from the recent window into the middle while it is too long."""
+        cfg = self.config
+        while True:
+            due = [
+                b
+                for b, (n, length) in enumerate(zip(self.seq_lens, self.clustered_len, strict=True))
+                if n - cfg.sink_tokens - length >= 2 * cfg.interval
+            ]
+            if not due:
+                return
+            self._on_advance(due)
+            for b in due:
+                self.clustered_len[b] += cfg.interval
+
+    def _on_advance(self, seqs: list[int]) -> None:
+        """Hook: ``interval`` tokens of each listed sequence are about to join the middle."""
+
+    def _reserve_tokens(self, needed: int) -> None:
+        for name in ("_keys", "_values", "_cluster_keys"):
+            store = getattr(self, name)
+            if store is not None and store.shape[2] < needed:
+                setattr(self, name, _grow_tokens(store, needed))
+
+    # ------------------------------------------------------------------ regions and stats
+    def _regions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks ``[B, 1, N]`` over positions: always-exact tokens, middle tokens, and the
+        lengths ``[B]`` of the middle regions."""
+        n = max(self.seq_lens)
+        pos = torch.arange(n, device=self.device)
+        seq_lens = torch.tensor(self.seq_lens, device=self.device).unsqueeze(1)
+        clustered = torch.tensor(self.clustered_len, device=self.device)
+        start = min(self.config.sink_tokens, n)
+        valid = pos < seq_lens
+        middle = (pos >= start) & (pos < start + clustered.unsqueeze(1)) & valid
+        exact = valid & ~middle
+        return exact.unsqueeze(1), middle.unsqueeze(1), clustered
+
+    def _per_sequence(self, resolve: Callable[[int], int]) -> torch.Tensor:
+        """``[B]`` int64 tensor of ``resolve(clustered_len)`` (budgets per middle region)."""
+        tokens = [resolve(n) for n in self.clustered_len]
+        return torch.tensor(tokens, dtype=torch.int64, device=self.device)
+
+    def stats(self) -> AttendStats:
+        """What the last :meth:`attend` read (syncs with the device)."""
+        if self._reads is None:
+            raise RuntimeError("stats: no attend has run on this state yet")
+        r = self._reads
+        token_bytes = 2 * self.head_dim * self._keys.element_size()
+        dense = sum(self.seq_lens) * self.num_kv_heads * token_bytes
+        read = int(r.tokens_exact.sum()) * token_bytes + int(r.metadata_bytes.sum())
+        return AttendStats(
+            tokens_exact=float(r.tokens_exact.float().mean()),
+            clusters_selected=float(r.clusters_selected.float().mean()),
+            centroids_scored=float(r.centroids_scored.float().mean()),
+            bytes_read=read,
+            dense_bytes=dense,
+        )
+
+
+class MultipoleState(DecodeState):
+    """Multipole Attention over a ragged batch (the float32 PyTorch reference).
+
+    Each decode step scores the centroids of every KV head with the query group, takes the
+    clusters of highest estimated attention mass while their tokens fit in the token budget,
+    attends exactly to those tokens plus the sink and the recent window, and adds every other
+    cluster as its size-weighted centroid (the far field) in the same softmax. With a budget
+    that covers the whole middle region the result is dense attention.
+
+    Example:
+        >>> import torch, multipole
+        >>> k, v = torch.randn(2, 2, 600, 64), torch.randn(2, 2, 600, 64)
+        >>> state = multipole.MultipoleState.prefill(k, v, multipole.MultipoleConfig())
+        >>> state.attend(torch.randn(2, 8, 64)).shape
+        torch.Size([2, 8, 64])
+    """
+
+    def __init__(self, keys, values, config, cluster_keys, seq_lens) -> None:
+        super().__init__(keys, values, config, cluster_keys, seq_lens)
+        separate_attention_keys = config.far_field_keys == "attention" and cluster_keys is not None
+        self.index = ClusterIndex(
+            config,
+            self.batch_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self._keys.shape[2],
+            self.device,
+            separate_attention_keys,
+        )
+        self.index.prefill(*self._index_inputs(), self.clustered_len)
+
+    def _index_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        attention = self._keys if self.index.level0.attention_key_centroids is not None else None
+        return self.cluster_keys, self.values, None if attention is None else self.keys
+
+    def _on_advance(self, seqs: list[int]) -> None:
+        self.index.reserve_tokens(self._keys.shape[2])
+        self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
+
+    def _attend(self, q, lookup_q, scale):
+        cfg, index = self.config, self.index
+        level0 = index.level0
+        n = max(self.seq_lens)
+        z0 = cluster_logits(lookup_q, level0.key_centroids, scale)  # [B, H, G, C]
+        log_n0 = torch.log(level0.sizes.to(z0.dtype)).unsqueeze(-2)
+        live0 = level0.sizes > 0
+
+        if index.level1 is None:
+            candidates = live0
+            unopened = None
+            log_denominator = _masked_logsumexp(z0 + log_n0, live0)
+            scored = live0.sum(-1)
+        else:
+            level1 = index.level1
+            z1 = cluster_logits(lookup_q, level1.key_centroids, scale)
+            live1 = level1.sizes > 0
+            log_n1 = torch.log(level1.sizes.to(z1.dtype)).unsqueeze(-2)
+            score1 = log_importance(z1, live1, _masked_logsumexp(z1 + log_n1, live1))
+            opened = select_by_budget(
+                score1, level1.sizes, live1, self._per_sequence(cfg.coarse_budget_tokens)
+            )
+            parent = index.parent.clamp_min(0)
+            candidates = live0 & opened.gather(-1, parent) & (index.parent >= 0)
+            unopened = live1 & ~opened
+            log_denominator = torch.logaddexp(
+                _masked_logsumexp(z0 + log_n0, candidates), _masked_logsumexp(z1 + log_n1, unopened)
+            )
+            scored = live1.sum(-1) + candidates.sum(-1)
+
+        score0 = log_importance(z0, candidates, log_denominator)
+        selected = select_by_budget(
+            score0, level0.sizes, candidates, self._per_sequence(cfg.budget_tokens)
+        )
+
+        exact, middle, _ = self._regions()
+        labels = index.labels[:, :, :n]
+        chosen = selected.gather(-1, labels.clamp_min(0)) & (labels >= 0)
+        token_mask = exact | (middle & chosen)
+        out, lse = attend_tokens(q, self.keys, self.values, token_mask, scale)
+
+        vectors = 1
+        if cfg.replacement:
+            vectors += 1 if level0.attention_key_centroids is None else 2
+            far_q, keys0 = self._far_field_inputs(q, lookup_q, level0)
+            far = far_field(
+                far_q, keys0, level0.value_centroids, level0.sizes, candidates & ~selected, scale
+            )
+            out, lse = merge_states(out, lse, *far)
+            if unopened is not None:
+                _, keys1 = self._far_field_inputs(q, lookup_q, index.level1)
+                far = far_field(
+                    far_q, keys1, index.level1.value_centroids, index.level1.sizes, unopened, scale
+                )
+                out, lse = merge_states(out, lse, *far)
+
+        centroid_bytes = vectors * self.head_dim * self._keys.element_size() + 4
+        reads = Reads(
+            tokens_exact=token_mask.sum(-1),
+            clusters_selected=selected.sum(-1),
+            centroids_scored=scored,
+            metadata_bytes=scored * centroid_bytes,
+        )
+        return out, lse, reads
+
+    def _far_field_inputs(self, q, lookup_q, level):
+        """Query and key centroids of the far-field logits (see ``config.far_field_keys``)."""
+        if level.attention_key_centroids is not None:
+            return q, level.attention_key_centroids
+        if self.config.far_field_keys == "attention":
+            return q, level.key_centroids  # clustering keys are the attention keys
+        return lookup_q, level.key_centroids
+
+
+def dense_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    lengths: torch.Tensor | list[int] | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact decode attention: the reference every method is measured against.
+
+    Args:
+        q: ``[B, num_q_heads, D]``, ``num_q_heads`` a multiple of ``num_kv_heads``.
+        keys, values: ``[B, num_kv_heads, N, D]``.
+        lengths: ``[B]`` valid lengths in ``[0, N]`` (right padding); a sequence of length 0
+            returns zeros (and ``lse = -inf``).
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        return_lse: also return the float32 natural-log softmax denominator ``[B, num_q_heads]``.
+    Returns:
+        ``[B, num_q_heads, D]`` in the dtype of ``q`` (and ``lse`` if asked).
+    """
+    checks.check_tensor("q", q, ("B", "num_q_heads", "head_dim"))
+    dims = ("B", "num_kv_heads", "N", "head_dim")
+    checks.check_tensor("keys", keys, dims)
+    b, h, n, d = keys.shape
+    checks.check_shape("q", q, ("B", "num_q_heads", "head_dim"), (b, None, d))
+    checks.check_like("q", q, "keys", keys)
+    checks.check_tensor("values", values, dims)
+    checks.check_shape("values", values, dims, keys.shape)
+    checks.check_like("values", values, "keys", keys)
+    group = checks.check_heads("q", q.shape[1], h)
+    seq_lens = checks.check_lengths("lengths", lengths, b, n, keys.device, min_len=0)
+    scale = _check_scale(scale, d)
+    mask = (torch.arange(n, device=keys.device) < seq_lens.unsqueeze(1)).unsqueeze(1)
+    out, lse = attend_tokens(q.view(b, h, group, d), keys, values, mask, scale)
+    out = out.reshape(q.shape).to(q.dtype)
+    return (out, lse.reshape(b, -1).float()) if return_lse else out
+
+
+def _masked_logsumexp(x: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last axis of ``x [B, H, G, C]`` where ``include [B, H, C]``."""
+    return torch.logsumexp(x.masked_fill(~include.unsqueeze(-2), float("-inf")), dim=-1)
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"scale: expected a finite float > 0, got {scale!r}")
+    return float(scale)
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+def _grow_tokens(store: torch.Tensor, needed: int) -> torch.Tensor:
+    b, h, n, d = store.shape
+    out = store.new_zeros(b, h, max(needed, 2 * n), d)
+    out[:, :, :n] = store
+    return out
