@@ -15,7 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _dims(names: Sequence[str], sizes: Sequence[int | None]) -> str:
     shown = ", ".join(names)
-    if all(s is not None for s in sizes):
+    if sizes and all(s is not None for s in sizes):
         return f"[{shown}] = [{', '.join(str(s) for s in sizes)}]"
     return f"[{shown}]"
 
@@ -57,8 +57,15 @@ def check_like(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor)
         raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {value.dtype}")
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
-    """Reject NaN and inf (this syncs with the device: call it only when validating)."""
+def check_finite(name: str, value: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+    """Reject NaN and inf (this syncs with the device: call it only when validating).
+
+    With ``lengths [B]``, only the first ``lengths[b]`` entries of dim 2 of ``value [B, H, N, D]``
+    are checked: padding may hold anything.
+    """
+    if lengths is not None:
+        valid = torch.arange(value.shape[2], device=value.device) < lengths.unsqueeze(1)
+        value = value.transpose(1, 2)[valid]
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
@@ -90,7 +97,7 @@ def check_lengths(
 
 def check_heads(q_name: str, num_q_heads: int, num_kv_heads: int) -> int:
     """Return the GQA group size, checking that query heads divide into KV heads."""
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+    if num_kv_heads < 1 or num_q_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(
             f"{q_name}: expected num_q_heads to be a multiple of num_kv_heads={num_kv_heads}, "
             f"got num_q_heads={num_q_heads}"

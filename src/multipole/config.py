@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 FarFieldKeys = Literal["clustering", "attention"]
+Backend = Literal["auto", "reference", "triton"]
 
 
 def _fail(field: str, expected: str, got: Any) -> None:
@@ -64,6 +65,9 @@ class MultipoleConfig:
             are clustered position-free (used by model integrations).
         seed: seed of k-means initialisation; results depend on it and on nothing else.
         validate: check inputs for NaN/inf; None checks CPU tensors only (a CUDA check syncs).
+        backend: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels: CUDA, or
+            the CPU under ``TRITON_INTERPRET=1``), or ``"auto"``: Triton on CUDA where the
+            kernels cover the settings (``levels == 1``), the reference otherwise.
     """
 
     centroid_ratio: float = 1 / 16
@@ -74,13 +78,14 @@ class MultipoleConfig:
     kmeans_iters: int = 10
     update_iters: int = 3
     levels: int = 1
-    level_ratio: float = 1 / 8
+    level_ratio: float = 1 / 4
     coarse_budget: int | float = 0.25
     replacement: bool = True
     far_field_keys: FarFieldKeys = "clustering"
     lookup_position: int = 2048
     seed: int = 0
     validate: bool | None = None
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         for field in ("centroid_ratio", "level_ratio"):
@@ -109,6 +114,10 @@ class MultipoleConfig:
                 _fail(field, f"an int >= {minimum}", value)
         if self.block_size % self.interval:
             _fail("block_size", f"a multiple of interval={self.interval}", self.block_size)
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int):
+            raise TypeError(
+                f"MultipoleConfig.levels: expected an int, got {type(self.levels).__name__}"
+            )
         if self.levels not in (1, 2):
             _fail("levels", "1 or 2", self.levels)
         if not isinstance(self.replacement, bool):
@@ -117,7 +126,9 @@ class MultipoleConfig:
             )
         if self.far_field_keys not in ("clustering", "attention"):
             _fail("far_field_keys", "'clustering' or 'attention'", self.far_field_keys)
-        if self.validate not in (None, True, False):
+        if self.backend not in ("auto", "reference", "triton"):
+            _fail("backend", "'auto', 'reference' or 'triton'", self.backend)
+        if self.validate is not None and not isinstance(self.validate, bool):
             _fail("validate", "None, True or False", self.validate)
 
     def budget_tokens(self, clustered_len: int) -> int:

@@ -116,13 +116,13 @@ class ClusterIndex:
         self.labels = torch.full(
             (batch, num_kv_heads, token_capacity), -1, dtype=torch.int64, device=device
         )
-        shape = (batch, num_kv_heads, 0, head_dim)
+        shape = (batch, num_kv_heads, 1, head_dim)  # one unused slot: gathers never see size 0
         self.level0 = ClusterLevel.empty(shape, attention_keys, device)
         self.level1 = (
             ClusterLevel.empty(shape, attention_keys, device) if config.levels == 2 else None
         )
         self.parent = (
-            torch.full((batch, num_kv_heads, 0), -1, dtype=torch.int64, device=device)
+            torch.full((batch, num_kv_heads, 1), -1, dtype=torch.int64, device=device)
             if config.levels == 2
             else None
         )

@@ -16,8 +16,10 @@ import torch
 
 from . import checks
 from .config import MultipoleConfig
+from .fused import FusedLayout, fused_decode
 from .index import ClusterIndex
 from .ops.decode import attend_tokens, far_field, merge_states
+from .ops.kernel_utils import kernels_available, triton_installed
 from .ops.lookup import cluster_logits, log_importance, select_by_budget
 
 
@@ -130,11 +132,12 @@ class DecodeState:
             checks.check_tensor("cluster_keys", cluster_keys, dims)
             checks.check_shape("cluster_keys", cluster_keys, dims, keys.shape)
             checks.check_like("cluster_keys", cluster_keys, "keys", keys)
-        seq_lens = checks.check_lengths("lengths", lengths, b, n, keys.device).tolist()
+        seq_lens = checks.check_lengths("lengths", lengths, b, n, keys.device)
         if checks.should_validate(config.validate, keys):
             for name, t in (("keys", keys), ("values", values), ("cluster_keys", cluster_keys)):
                 if t is not None:
-                    checks.check_finite(name, t)
+                    checks.check_finite(name, t, seq_lens)
+        seq_lens = seq_lens.tolist()
         return cls(keys.clone(), values.clone(), config, _clone(cluster_keys), seq_lens)
 
     # ------------------------------------------------------------------ properties
@@ -188,6 +191,9 @@ class DecodeState:
             ``[B, num_q_heads, D]`` in the dtype of ``q``.
         """
         qg = self._check_query("q", q)
+        if lookup_q is not None:
+            checks.check_tensor("lookup_q", lookup_q, ("B", "num_q_heads", "head_dim"))
+            checks.check_shape("lookup_q", lookup_q, ("B", "num_q_heads", "head_dim"), q.shape)
         lg = qg if lookup_q is None else self._check_query("lookup_q", lookup_q)
         scale = _check_scale(scale, self.head_dim)
         out, _, reads = self._attend(qg, lg, scale)
@@ -350,16 +356,121 @@ class MultipoleState(DecodeState):
             separate_attention_keys,
         )
         self.index.prefill(*self._index_inputs(), self.clustered_len)
+        self._fused: FusedLayout | None = None  # rebuilt after prefill and each update
+        self._seq_lens_device: torch.Tensor | None = None
+
+    @classmethod
+    def fixed_bytes_per_head(
+        cls, config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
+    ) -> float:
+        """Bytes per KV head read whatever the token budget, right after prefill of
+        ``seq_len`` tokens: sink, recent window and every centroid scored (with
+        ``levels == 2``: every level-1 centroid plus the level-0 clusters of
+        ``coarse_budget_tokens`` tokens)."""
+        length = initial_clustered_len(seq_len, config)
+        blocks = [min(config.block_size, length - s) for s in range(0, length, config.block_size)]
+        fine = [config.clusters_for(n) for n in blocks]
+        if config.levels == 1:
+            centroids = sum(fine)
+        else:
+            opened = min(config.coarse_budget_tokens(length), length)
+            centroids = sum(config.coarse_clusters_for(k) for k in fine)
+            centroids += config.clusters_for(opened)
+        exact = min(config.sink_tokens, seq_len) + seq_len - config.sink_tokens - length
+        token_bytes = 2 * head_dim * elem_size
+        return exact * token_bytes + centroids * _centroid_bytes(config, head_dim, elem_size, False)
 
     def _index_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         attention = self._keys if self.index.level0.attention_key_centroids is not None else None
         return self.cluster_keys, self.values, None if attention is None else self.keys
 
-    def _on_advance(self, seqs: list[int]) -> None:
+    def _reserve_tokens(self, needed: int) -> None:
+        super()._reserve_tokens(needed)
         self.index.reserve_tokens(self._keys.shape[2])
+
+    def _on_advance(self, seqs: list[int]) -> None:
         self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
+        self._fused = None
+
+    def append(self, keys, values, *, cluster_keys=None) -> None:
+        super().append(keys, values, cluster_keys=cluster_keys)
+        if self._seq_lens_device is not None:
+            self._seq_lens_device += keys.shape[2]  # stays on the device: no sync per step
 
     def _attend(self, q, lookup_q, scale):
+        if self._backend(lookup_q is q) == "triton":
+            return self._attend_fused(q, lookup_q, scale)
+        return self._attend_reference(q, lookup_q, scale)
+
+    def _backend(self, lookup_is_query: bool) -> str:
+        """Resolve ``config.backend`` for this call (the one place that decides)."""
+        cfg = self.config
+        far_from_lookup = cfg.far_field_keys == "clustering" or lookup_is_query
+        supported = (
+            cfg.levels == 1
+            and self.index.level0.attention_key_centroids is None
+            and (far_from_lookup or not cfg.replacement)
+            and self.dtype != torch.float64
+        )
+        if cfg.backend == "reference":
+            return "reference"
+        if cfg.backend == "triton":
+            if not kernels_available(self.device):
+                raise RuntimeError(
+                    "backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1), "
+                    f"got device {self.device} (triton installed: {triton_installed()})"
+                )
+            if not supported:
+                raise ValueError(
+                    "backend='triton' supports levels=1, float16/bfloat16/float32 caches and a far "
+                    "field from the lookup query; use backend='reference' or 'auto' for this state"
+                )
+            return "triton"
+        return (
+            "triton"
+            if supported and self.device.type == "cuda" and kernels_available(self.device)
+            else "reference"
+        )
+
+    def _attend_fused(self, q, lookup_q, scale):
+        cfg = self.config
+        if self._fused is None:
+            self._fused = FusedLayout.build(self.index, max(self.seq_lens), self.dtype)
+            self._clustered_device = torch.tensor(
+                self.clustered_len, dtype=torch.int32, device=self.device
+            )
+            self._budget_device = self._per_sequence(cfg.budget_tokens).to(torch.int32)
+            self._max_budget = max(cfg.budget_tokens(n) for n in self.clustered_len)
+        if self._seq_lens_device is None:
+            self._seq_lens_device = torch.tensor(
+                self.seq_lens, dtype=torch.int32, device=self.device
+            )
+        layout = self._fused
+        out, lse, count, selected = fused_decode(
+            q.contiguous(),
+            lookup_q.contiguous(),
+            self._keys,
+            self._values,
+            layout,
+            self._seq_lens_device,
+            self._clustered_device,
+            self._budget_device,
+            max_budget=self._max_budget,
+            sink_tokens=cfg.sink_tokens,
+            max_recent=2 * cfg.interval,
+            scale=scale,
+            replacement=cfg.replacement,
+        )
+        reads = Reads(
+            tokens_exact=count,
+            clusters_selected=selected,
+            centroids_scored=layout.live,
+            metadata_bytes=layout.live
+            * _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), False),
+        )
+        return out, lse, reads
+
+    def _attend_reference(self, q, lookup_q, scale):
         cfg, index = self.config, self.index
         level0 = index.level0
         n = max(self.seq_lens)
@@ -400,9 +511,7 @@ class MultipoleState(DecodeState):
         token_mask = exact | (middle & chosen)
         out, lse = attend_tokens(q, self.keys, self.values, token_mask, scale)
 
-        vectors = 1
         if cfg.replacement:
-            vectors += 1 if level0.attention_key_centroids is None else 2
             far_q, keys0 = self._far_field_inputs(q, lookup_q, level0)
             far = far_field(
                 far_q, keys0, level0.value_centroids, level0.sizes, candidates & ~selected, scale
@@ -415,7 +524,8 @@ class MultipoleState(DecodeState):
                 )
                 out, lse = merge_states(out, lse, *far)
 
-        centroid_bytes = vectors * self.head_dim * self._keys.element_size() + 4
+        separate = level0.attention_key_centroids is not None
+        centroid_bytes = _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), separate)
         reads = Reads(
             tokens_exact=token_mask.sum(-1),
             clusters_selected=selected.sum(-1),
@@ -441,6 +551,7 @@ def dense_attention(
     lengths: torch.Tensor | list[int] | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    validate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact decode attention: the reference every method is measured against.
 
@@ -451,6 +562,7 @@ def dense_attention(
             returns zeros (and ``lse = -inf``).
         scale: softmax scale; default ``1 / sqrt(D)``.
         return_lse: also return the float32 natural-log softmax denominator ``[B, num_q_heads]``.
+        validate: reject NaN/inf in the inputs; None checks CPU tensors only.
     Returns:
         ``[B, num_q_heads, D]`` in the dtype of ``q`` (and ``lse`` if asked).
     """
@@ -458,6 +570,10 @@ def dense_attention(
     dims = ("B", "num_kv_heads", "N", "head_dim")
     checks.check_tensor("keys", keys, dims)
     b, h, n, d = keys.shape
+    if min(b, h, d) < 1:
+        raise ValueError(
+            f"keys: expected non-empty [B, num_kv_heads, N, head_dim], got {list(keys.shape)}"
+        )
     checks.check_shape("q", q, ("B", "num_q_heads", "head_dim"), (b, None, d))
     checks.check_like("q", q, "keys", keys)
     checks.check_tensor("values", values, dims)
@@ -466,10 +582,23 @@ def dense_attention(
     group = checks.check_heads("q", q.shape[1], h)
     seq_lens = checks.check_lengths("lengths", lengths, b, n, keys.device, min_len=0)
     scale = _check_scale(scale, d)
+    if checks.should_validate(validate, keys):
+        checks.check_finite("q", q)
+        checks.check_finite("keys", keys, seq_lens)
+        checks.check_finite("values", values, seq_lens)
     mask = (torch.arange(n, device=keys.device) < seq_lens.unsqueeze(1)).unsqueeze(1)
     out, lse = attend_tokens(q.view(b, h, group, d), keys, values, mask, scale)
     out = out.reshape(q.shape).to(q.dtype)
     return (out, lse.reshape(b, -1).float()) if return_lse else out
+
+
+def _centroid_bytes(
+    config: MultipoleConfig, head_dim: int, elem_size: int, separate_attention_keys: bool
+) -> int:
+    """Bytes read per centroid scored: its key centroid, with the far field its value
+    centroid (and attention-key centroid when kept apart), and a 4-byte size."""
+    vectors = 1 + (2 if separate_attention_keys else 1) * config.replacement
+    return vectors * head_dim * elem_size + 4
 
 
 def _masked_logsumexp(x: torch.Tensor, include: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,11 @@ def assign(
     """
     x = points.float()
     c = centroids.float()
-    dist = (
-        x.square().sum(-1, keepdim=True)
-        - 2.0 * torch.matmul(x, c.transpose(-1, -2))
-        + c.square().sum(-1).unsqueeze(-2)
-    )
-    dist = dist.masked_fill(~active.unsqueeze(-2), float("inf"))
-    sq_dist, labels = dist.min(dim=-1)
+    # ||x - c||^2 = ||x||^2 + (||c||^2 - 2 x.c); the bracket decides the argmin, in one op.
+    c_sq = c.square().sum(-1).masked_fill(~active, float("inf")).unsqueeze(-2)  # [G, 1, K]
+    partial = torch.baddbmm(c_sq, x, c.transpose(-1, -2), alpha=-2.0)  # [G, n, K]
+    best, labels = partial.min(dim=-1)
+    sq_dist = best + x.square().sum(-1)
     return labels, sq_dist.clamp_min(0.0)
 
 

@@ -1,0 +1,207 @@
+"""Kernel benchmark: one decode step of Multipole Attention against dense SDPA, on the GPU.
+
+Every configuration is checked before it is timed (fused vs the PyTorch reference path, and
+vs dense with a full budget); times are medians of ``triton.testing.do_bench`` in one run, so
+ratios compare like with like. Writes a JSON report (rows carry GPU, versions, git sha, UTC
+time and the command) and prints a table.
+
+    python benchmarks/kernels.py --out results.json [--contexts 32768,131072] [--batches 1,4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from multipole import MultipoleConfig, MultipoleState
+
+H_Q, H_KV, HEAD_DIM = 32, 8, 128
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def graph_of(fn):
+    """Capture ``fn`` in a CUDA graph (after a warm-up) and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_step(context: int, batch: int, budget: int | float, args) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(context + batch)
+    shape = (batch, H_KV, context, HEAD_DIM)
+    k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(batch, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    dense_bytes = 2 * k.numel() * k.element_size()
+
+    q4 = q.unsqueeze(2)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+    rows = []
+    dense_ms = do_bench(sdpa, warmup=25, rep=200, return_mode="median")
+    rows.append(dict(method="sdpa_dense", ms=dense_ms, bytes=dense_bytes))
+    dense_out = sdpa().squeeze(2)
+
+    cfg = MultipoleConfig(token_budget=budget, backend="triton")
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    state = MultipoleState.prefill(k, v, cfg)
+    end.record()
+    torch.cuda.synchronize()
+    prefill_ms = start.elapsed_time(end)
+
+    for name, replacement in (("multipole", True), ("centroid_only", False)):
+        state.config = dataclasses.replace(cfg, replacement=replacement, backend="triton")
+        fused = state.attend(q)
+        stats = state.stats()
+        state.config = dataclasses.replace(state.config, backend="reference")
+        ref = state.attend(q)
+        err_ref = rel_err(fused, ref)
+        err_fused, err_reference = rel_err(fused, dense_out), rel_err(ref, dense_out)
+        state.config = dataclasses.replace(state.config, backend="triton")
+        # bf16 centroids may flip clusters at the budget boundary against the fp32 reference:
+        # the fused output must be as close to dense as the reference's, not bit-equal to it.
+        if not torch.isfinite(fused).all() or err_fused > 1.25 * err_reference + 1e-2:
+            raise SystemExit(
+                f"refcheck failed: {name} {context} {batch} {budget}: vs reference {err_ref}, "
+                f"vs dense {err_fused} (reference {err_reference})"
+            )
+        eager_ms = do_bench(lambda: state.attend(q), warmup=25, rep=200, return_mode="median")
+        graph_ms = do_bench(
+            graph_of(lambda: state.attend(q)), warmup=25, rep=200, return_mode="median"
+        )
+        row = dict(
+            method=name,
+            ms=graph_ms,
+            eager_ms=eager_ms,
+            bytes=stats.bytes_read,
+            read_fraction=stats.read_fraction,
+            tokens_exact=stats.tokens_exact,
+            clusters_selected=stats.clusters_selected,
+            rel_err_vs_reference=err_ref,
+            rel_err_vs_dense=err_fused,
+            reference_rel_err_vs_dense=err_reference,
+            prefill_ms=prefill_ms,
+        )
+        if name == "multipole" and not args.skip_reference:
+            state.config = dataclasses.replace(state.config, backend="reference")
+            row["reference_ms"] = do_bench(
+                lambda: state.attend(q), warmup=5, rep=50, return_mode="median"
+            )
+            state.config = dataclasses.replace(state.config, backend="triton")
+        rows.append(row)
+    for row in rows:
+        row.update(
+            context=context, batch=batch, budget=budget, speedup_vs_sdpa=dense_ms / row["ms"]
+        )
+    return rows
+
+
+def bench_update(args) -> dict:
+    """One online update per layer: an open block of 8064 tokens receives 128 more."""
+    times = []
+    n = 16 + 8064 + 255
+    for seed in range(4):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        k = torch.randn(
+            1, H_KV, n + 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen
+        )
+        state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], MultipoleConfig(backend="triton"))
+        state.attend(torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        state.append(k[:, :, n:], k[:, :, n:])
+        state.attend(torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16))
+        end.record()
+        torch.cuda.synchronize()
+        assert state.clustered_len[0] == 8192
+        times.append(start.elapsed_time(end))
+    return dict(update_plus_one_step_ms=sorted(times[1:])[len(times[1:]) // 2], runs_ms=times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--budgets", default="128,0.05")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--out", default="kernels.json")
+    args = parser.parse_args()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    meta = dict(
+        gpu=torch.cuda.get_device_name(0),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        git_sha=sha or "unknown",
+        utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        command="python " + " ".join(sys.argv),
+    )
+    meta["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+    rows = []
+    for context in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            for budget in args.budgets.split(","):
+                value = float(budget) if "." in budget else int(budget)
+                rows.extend(bench_step(context, batch, value, args))
+                last = rows[-2]
+                print(
+                    f"ctx {context} B {batch} budget {budget}: sdpa {rows[-3]['ms']:.3f} ms, "
+                    f"multipole {last['ms']:.3f} ms ({last['speedup_vs_sdpa']:.2f}x), "
+                    f"eager {last['eager_ms']:.3f}",
+                    flush=True,
+                )
+                with open(args.out, "w") as f:
+                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    meta["online_update"] = bench_update(args)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    bw = meta["copy_bandwidth_GBps"]
+    print(f"\n{meta['gpu']}  copy {bw:.0f} GB/s  update {meta['online_update']}")
+    header = ("ctx", "B", "budget", "method", "ms", "eager", "x sdpa", "GB/s", "read", "err")
+    print("{:>7} {:>3} {:>6} {:<14} {:>8} {:>8} {:>7} {:>6} {:>6} {:>8}".format(*header))
+    for r in rows:
+        gbps = r["bytes"] / (r["ms"] * 1e-3) / 1e9
+        print(
+            f"{r['context']:>7} {r['batch']:>3} {str(r['budget']):>6} {r['method']:<14} "
+            f"{r['ms']:>8.3f} {r.get('eager_ms', float('nan')):>8.3f} "
+            f"{r['speedup_vs_sdpa']:>7.2f} {gbps:>6.0f} {r.get('read_fraction', 1.0):>6.3f} "
+            f"{r.get('rel_err_vs_reference', 0.0):>8.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Triton kernels of the exact part: split-K flash decoding over a list of token positions,
+and the log-sum-exp merge with the far field.
+
+Each (sequence, KV head) attends its whole query group to the tokens listed in ``tokens``
+(``count`` of them), split over programs of ``tokens_per_split`` slots so that every SM is busy
+at batch 1; the merge combines the splits and the far-field state into the output.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..kernel_utils import dot
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    Q,
+    K,
+    V,
+    TOKENS,
+    COUNT,
+    M_PART,
+    L_PART,
+    ACC_PART,
+    scale,
+    group,
+    token_capacity,
+    kv_capacity,
+    tokens_per_split,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < group
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + (bh * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    count = tl.load(COUNT + bh)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, count)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        slots = s0 + offs_n
+        mask_n = slots < end
+        pos = tl.load(TOKENS + bh * token_capacity + slots, mask=mask_n, other=0).to(tl.int64)
+        rows = bh * kv_capacity + pos
+        k = tl.load(
+            K + rows[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        x = dot(q, tl.trans(k), NATIVE_DOT) * scale  # [BLOCK_G, BLOCK_N]
+        x = tl.where(mask_n[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(x - m_safe[:, None])
+        den = den * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            V + rows[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, NATIVE_DOT)
+        m = m_new
+    part = bh * num_splits + split
+    tl.store(M_PART + part * BLOCK_G + offs_g, m)
+    tl.store(L_PART + part * BLOCK_G + offs_g, den)
+    tl.store(ACC_PART + (part * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(
+    M_PART,
+    L_PART,
+    ACC_PART,
+    FAR_M,
+    FAR_L,
+    FAR_ACC,
+    OUT,
+    LSE,
+    group,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,
+    WITH_FAR: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, SPLIT_PAD)
+    mask_s = offs_s < num_splits
+    part = (bh * num_splits + offs_s)[:, None] * BLOCK_G + offs_g[None, :]
+    m_s = tl.load(M_PART + part, mask=mask_s[:, None], other=float("-inf"))  # [SPLIT, G]
+    m = tl.max(m_s, axis=0)
+    far = bh * BLOCK_G + offs_g
+    if WITH_FAR:
+        far_m = tl.load(FAR_M + far)
+        m = tl.maximum(m, far_m)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        one = bh * num_splits + s
+        w = tl.exp(tl.load(M_PART + one * BLOCK_G + offs_g) - m_safe)
+        den += w * tl.load(L_PART + one * BLOCK_G + offs_g)
+        acc += w[:, None] * tl.load(
+            ACC_PART + (one * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
+        )
+    if WITH_FAR:
+        w = tl.exp(far_m - m_safe)
+        den += w * tl.load(FAR_L + far)
+        acc += w[:, None] * tl.load(FAR_ACC + far[:, None] * BLOCK_D + offs_d[None, :])
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]
+    mask_g = offs_g < group
+    tl.store(
+        OUT + (bh * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
+    lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+    tl.store(LSE + bh * group + offs_g, lse, mask=mask_g)

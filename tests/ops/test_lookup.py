@@ -1,0 +1,65 @@
+"""Lookup: importance (the paper's eq. 1, aggregated over the group) and budgeted selection."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from multipole.ops.lookup import cluster_logits, log_importance, select_by_budget
+
+
+def test_log_importance_is_group_sum_of_size_normalised_probabilities(gen):
+    b, h, g, c, d = 1, 2, 3, 9, 8
+    q = torch.randn(b, h, g, d, generator=gen, dtype=torch.float64)
+    kc = torch.randn(b, h, c, d, generator=gen, dtype=torch.float64)
+    sizes = torch.randint(1, 20, (b, h, c), generator=gen)
+    z = cluster_logits(q, kc, 0.5)
+    denom = torch.logsumexp(z + sizes.double().log().unsqueeze(-2), dim=-1)
+    score = log_importance(z, torch.ones(b, h, c, dtype=torch.bool), denom)
+    for hi in range(h):
+        for ci in range(c):
+            total = 0.0
+            for gi in range(g):
+                num = math.exp(0.5 * float(q[0, hi, gi] @ kc[0, hi, ci]))
+                den = sum(
+                    int(sizes[0, hi, j]) * math.exp(0.5 * float(q[0, hi, gi] @ kc[0, hi, j]))
+                    for j in range(c)
+                )
+                total += num / den
+            torch.testing.assert_close(score[0, hi, ci].exp().item(), total)
+
+
+def test_selection_is_longest_prefix_within_budget():
+    score = torch.tensor([[[5.0, 1.0, 4.0, 3.0, 2.0, 0.0]]])
+    sizes = torch.tensor([[[10, 1, 20, 5, 7, 1]]])
+    include = torch.ones(1, 1, 6, dtype=torch.bool)
+    # order 0(10) 2(20) 3(5) 4(7) 1(1) 5(1): cumulative 10 30 35 42 43 44
+    expect = {
+        9: [],
+        10: [0],
+        34: [0, 2],
+        35: [0, 2, 3],
+        43: [0, 1, 2, 3, 4],
+        1000: [0, 1, 2, 3, 4, 5],
+    }
+    for budget, chosen in expect.items():
+        sel = select_by_budget(score, sizes, include, torch.tensor([budget]))
+        assert sel[0, 0].nonzero().flatten().tolist() == chosen, budget
+
+
+def test_selection_skips_excluded_and_empty_clusters_and_breaks_ties_by_index():
+    score = torch.tensor([[[1.0, 1.0, 1.0, 9.0]]])
+    sizes = torch.tensor([[[2, 2, 0, 2]]])
+    include = torch.tensor([[[True, True, True, False]]])
+    sel = select_by_budget(score, sizes, include, torch.tensor([2]))
+    assert sel[0, 0].tolist() == [True, False, False, False]
+
+
+def test_budget_is_per_sequence():
+    score = torch.tensor([[[2.0, 1.0]], [[2.0, 1.0]]])
+    sizes = torch.ones(2, 1, 2, dtype=torch.int64)
+    sel = select_by_budget(
+        score, sizes, torch.ones(2, 1, 2, dtype=torch.bool), torch.tensor([1, 2])
+    )
+    assert sel.sum(-1).flatten().tolist() == [1, 2]

@@ -1,0 +1,195 @@
+"""MultipoleState: exactness limits, ragged batches, GQA, head dims, dtypes, accuracy ordering."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import multipole
+from multipole import MultipoleConfig, MultipoleState, dense_attention
+from multipole.synthetic import PlantedKV
+
+SMALL = MultipoleConfig(interval=32, block_size=256, sink_tokens=4, token_budget=48)
+FULL = dataclasses.replace(SMALL, token_budget=10**9)
+# Tolerance of an output against the float64 reference, per input dtype: a few ulps of the
+# dtype, relative to the output's norm.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _seed(gen: torch.Generator) -> int:
+    return int(torch.randint(2**31, (1,), generator=gen))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _kv(gen, b, h, n, d, dtype=torch.float32):
+    k = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    return k, v
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("replacement", [True, False], ids=["far", "nofar"])
+@pytest.mark.parametrize("n", [1, 37, 700], ids=lambda n: f"T{n}")
+def test_full_budget_equals_dense(gen, n, replacement, levels):
+    k, v = _kv(gen, 2, 2, n, 32)
+    q = torch.randn(2, 8, 32, generator=gen)
+    cfg = dataclasses.replace(FULL, replacement=replacement, levels=levels, coarse_budget=10**9)
+    out = MultipoleState.prefill(k, v, cfg).attend(q)
+    assert rel_err(out, dense_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_singleton_clusters_make_the_far_field_exact(gen, levels):
+    k, v = _kv(gen, 2, 2, 500, 32)
+    q = torch.randn(2, 4, 32, generator=gen)
+    # with levels=2 the coarse clusters must be singletons too (level_ratio=1)
+    cfg = dataclasses.replace(
+        SMALL, centroid_ratio=1.0, level_ratio=1.0, token_budget=5, levels=levels
+    )
+    state = MultipoleState.prefill(k, v, cfg)
+    sizes = state.index.level0.sizes
+    assert set(sizes[sizes > 0].tolist()) == {1}
+    out = state.attend(q)
+    assert state.stats().tokens_exact < 500 / 2  # most tokens come through the far field
+    assert rel_err(out, dense_attention(q, k, v)) < 1e-5
+
+
+def test_far_field_is_exact_for_clusters_of_identical_tokens(gen):
+    # 8 distinct (key, value) pairs, each repeated, fewer than the clusters of any block:
+    # once k-means separates them, every unselected cluster is N copies of one pair and the
+    # far field is exact at any budget.
+    pairs_k, pairs_v = _kv(gen, 1, 2, 8, 16)
+    which = torch.randint(8, (900,), generator=gen)
+    k, v = pairs_k[:, :, which] * 3, pairs_v[:, :, which]
+    q = torch.randn(1, 4, 16, generator=gen)
+    cfg = dataclasses.replace(SMALL, centroid_ratio=1 / 8, token_budget=8, kmeans_iters=20)
+    state = MultipoleState.prefill(k, v, cfg)
+    out = state.attend(q)
+    assert state.stats().tokens_exact < 300
+    assert rel_err(out, dense_attention(q, k, v)) < 1e-5
+
+
+def test_small_budget_reads_less_and_stays_close_on_clustered_data(gen):
+    planted = PlantedKV(num_kv_heads=2, head_dim=64, seed=_seed(gen))
+    k, v = planted.kv(1, 2048)
+    q = planted.queries(1, 4)
+    cfg = MultipoleConfig(interval=64, block_size=1024, token_budget=128)
+    state = MultipoleState.prefill(k, v, cfg)
+    out = state.attend(q)
+    stats = state.stats()
+    assert stats.read_fraction < 0.25
+    assert rel_err(out, dense_attention(q, k, v)) < 0.1
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_ragged_batch_equals_sequences_run_alone(gen, levels):
+    lengths = [700, 1000, 333, 1]
+    k, v = _kv(gen, 4, 2, 1000, 32)
+    k[0, :, 700:] = 1e3  # padding must not matter
+    q = torch.randn(4, 4, 32, generator=gen)
+    cfg = dataclasses.replace(SMALL, levels=levels)
+    batch = MultipoleState.prefill(k, v, cfg, lengths=torch.tensor(lengths))
+    alone = [
+        MultipoleState.prefill(k[i : i + 1, :, :n], v[i : i + 1, :, :n], cfg)
+        for i, n in enumerate(lengths)
+    ]
+
+    def compare():
+        out = batch.attend(q)
+        for i, s in enumerate(alone):
+            assert rel_err(out[i : i + 1], s.attend(q[i : i + 1])) < 1e-5, i
+
+    compare()
+    for _ in range(3):  # appends that cross online updates at different steps per sequence
+        nk, nv = _kv(gen, 4, 2, 23, 32)
+        batch.append(nk, nv)
+        for i, s in enumerate(alone):
+            s.append(nk[i : i + 1], nv[i : i + 1])
+        compare()
+    assert batch.clustered_len == [s.clustered_len[0] for s in alone]
+
+
+@pytest.mark.parametrize("dtype", list(REL_TOL), ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("head_dim", [64, 128, 256], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("group", [1, 4, 8], ids=lambda g: f"G{g}")
+def test_gqa_head_dims_dtypes_full_budget(gen, group, head_dim, dtype):
+    k, v = _kv(gen, 2, 2, 300, head_dim, dtype)
+    q = torch.randn(2, 2 * group, head_dim, generator=gen).to(dtype)
+    out = MultipoleState.prefill(k, v, FULL).attend(q)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = dense_attention(q.double(), k.double(), v.double())
+    assert rel_err(out, ref) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_computes_like_float32_on_the_same_values(gen, dtype):
+    planted = PlantedKV(num_kv_heads=2, head_dim=64, seed=_seed(gen))
+    k, v = planted.kv(2, 900, dtype)
+    q = planted.queries(2, 4, dtype)
+    low = MultipoleState.prefill(k, v, SMALL).attend(q)
+    high = MultipoleState.prefill(k.float(), v.float(), SMALL).attend(q.float())
+    assert rel_err(low, high) < REL_TOL[dtype]
+
+
+def test_lookup_query_only_changes_the_selection(gen):
+    k, v = _kv(gen, 1, 2, 600, 32)
+    q = torch.randn(1, 4, 32, generator=gen)
+    state = MultipoleState.prefill(k, v, FULL)
+    # with a full budget every cluster is exact whatever the lookup query says
+    out = state.attend(q, lookup_q=torch.randn(1, 4, 32, generator=gen))
+    assert rel_err(out, dense_attention(q, k, v)) < 1e-5
+
+
+def test_equal_bytes_ordering_multipole_centroid_only_window(gen):
+    """On planted clusters at equal bytes read: multipole < centroid-only < window (error)."""
+    from multipole.baselines import METHODS, budget_for_read_fraction
+
+    planted = PlantedKV(num_kv_heads=2, head_dim=64, seed=_seed(gen))
+    k, v = planted.kv(2, 4096)
+    base = MultipoleConfig(interval=64, block_size=1024)
+    errors = {}
+    for name in ("multipole", "centroid_only", "window"):
+        cfg = budget_for_read_fraction(
+            name, 0.15, seq_len=4096, head_dim=64, config=base, elem_size=4
+        )
+        state = METHODS[name].prefill(k, v, cfg)
+        errs = []
+        for _ in range(8):
+            q = planted.queries(2, 4)
+            errs.append(rel_err(state.attend(q), dense_attention(q, k, v)))
+        assert abs(state.stats().read_fraction - 0.15) < 0.03, (name, state.stats())
+        errors[name] = sum(errs) / len(errs)
+    assert errors["multipole"] < errors["centroid_only"] < errors["window"], errors
+
+
+def test_hierarchy_scores_fewer_centroids_and_stays_close(gen):
+    """levels=2 scores about half the centroids; its error stays within 0.03 of levels=1."""
+    planted = PlantedKV(num_kv_heads=2, head_dim=64, seed=_seed(gen))
+    k, v = planted.kv(1, 8192)
+    cfg = MultipoleConfig(interval=64, block_size=2048)
+    one = MultipoleState.prefill(k, v, cfg)
+    two = MultipoleState.prefill(k, v, dataclasses.replace(cfg, levels=2, coarse_budget=0.25))
+    total = int((one.index.level0.sizes > 0).sum()) / 2
+    e1 = e2 = 0.0
+    for _ in range(6):
+        q = planted.queries(1, 4)
+        dense = dense_attention(q, k, v)
+        e1 += rel_err(one.attend(q), dense) / 6
+        e2 += rel_err(two.attend(q), dense) / 6
+        assert two.stats().centroids_scored < 0.6 * total
+        assert two.stats().bytes_read < one.stats().bytes_read
+    assert e2 < e1 + 0.03, (e1, e2)
+
+
+def test_public_api_names():
+    for name in ("MultipoleConfig", "MultipoleState", "dense_attention", "AttendStats"):
+        assert hasattr(multipole, name)
+    import multipole.baselines as baselines
+
+    for name in ("DenseState", "OracleTopKState", "QuestState", "CentroidOnlyState", "WindowState"):
+        assert hasattr(baselines, name)
