@@ -16,6 +16,6 @@ demo: $(BIN)/.installed
 	$(BIN)/multipole demo
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	TRITON_INTERPRET=1 $(BIN)/pytest -q

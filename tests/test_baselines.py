@@ -20,7 +20,6 @@ from multipole.baselines import (
     WindowState,
     budget_for_read_fraction,
 )
-from multipole.baselines.centroid_only import multipole_fixed_bytes
 from multipole.baselines.quest import PAGE_SIZE, page_bounds
 
 CFG = MultipoleConfig(interval=32, block_size=256, sink_tokens=4)
@@ -265,8 +264,6 @@ def case_ids(cases: list[tuple[str, int]]) -> list[str]:
 def fixed_bytes(
     method: str, config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
 ) -> float:
-    if method == "multipole":  # MultipoleState (state.py) has no fixed_bytes_per_head
-        return multipole_fixed_bytes(config, seq_len, head_dim, elem_size)
     return METHODS[method].fixed_bytes_per_head(config, seq_len, head_dim, elem_size)
 
 

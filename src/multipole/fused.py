@@ -25,8 +25,10 @@ from .ops.kernel_utils import native_dot
 BLOCK_C = 64  # centroids per tile of the centroid pass
 BLOCK_N = 64  # tokens per tile of the exact pass
 CHUNK = 1024  # clusters / slots per step of the selection
-SEL_CHUNK = 32  # selected clusters per step of the far-field correction
-BISECT_STEPS = 40
+SEL_CHUNK = 64  # selected clusters per step of the far-field correction
+TOKENS_PER_SPLIT = 256  # granularity (and minimum) of the exact pass's split-K
+BISECT_STEPS = 32  # threshold resolution: (max - min score) / 2**32
+SELECT_WARPS = 8
 
 
 @dataclass
@@ -141,9 +143,9 @@ def fused_decode(
 
     per_c, splits_c = _per_split(num_clusters, rows, BLOCK_C, dev)
     z = buf("z", (b, h, g, num_clusters), f32)
-    m_c = buf("m_c", (rows, splits_c, block_g), f32)
-    l_c = buf("l_c", (rows, splits_c, block_g), f32)
-    acc_c = buf("acc_c", (rows, splits_c, block_g, block_d), f32) if replacement else m_c
+    m_c = buf("m_c", (rows, splits_c, g), f32)
+    l_c = buf("l_c", (rows, splits_c, g), f32)
+    acc_c = buf("acc_c", (rows, splits_c, g, d), f32) if replacement else m_c
     _centroid_pass_kernel[(rows, splits_c)](
         lookup_q,
         layout.key_centroids,
@@ -177,9 +179,9 @@ def fused_decode(
     tokens = buf("tokens", (rows, token_capacity), i32)
     count = buf("count", (rows,), i32)
     num_selected = buf("num_selected", (rows,), i32)
-    far_m = buf("far_m", (rows, block_g), f32)
-    far_l = buf("far_l", (rows, block_g), f32)
-    far_acc = buf("far_acc", (rows, block_g, block_d), f32)
+    far_m = buf("far_m", (rows, g), f32)
+    far_l = buf("far_l", (rows, g), f32)
+    far_acc = buf("far_acc", (rows, g, d), f32)
     _select_kernel[(rows,)](
         z,
         layout.sizes,
@@ -188,7 +190,6 @@ def fused_decode(
         layout.value_centroids,
         m_c,
         l_c,
-        acc_c,
         seq_lens,
         clustered_len,
         budget,
@@ -221,13 +222,13 @@ def fused_decode(
         WITH_FAR=replacement,
         NATIVE_DOT=native,
         BISECT_STEPS=BISECT_STEPS,
-        num_warps=8,
+        num_warps=SELECT_WARPS,
     )
 
-    per_n, splits_n = _per_split(token_capacity, rows, BLOCK_N, dev)
-    m_e = buf("m_e", (rows, splits_n, block_g), f32)
-    l_e = buf("l_e", (rows, splits_n, block_g), f32)
-    acc_e = buf("acc_e", (rows, splits_n, block_g, block_d), f32)
+    per_n, splits_n = _per_split(token_capacity, rows, TOKENS_PER_SPLIT, dev)
+    m_e = buf("m_e", (rows, splits_n, g), f32)
+    l_e = buf("l_e", (rows, splits_n, g), f32)
+    acc_e = buf("acc_e", (rows, splits_n, g, d), f32)
     _sparse_decode_kernel[(rows, splits_n)](
         q,
         keys,
@@ -253,10 +254,13 @@ def fused_decode(
 
     out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
     lse = torch.empty(b, h, g, device=dev, dtype=f32)
-    _merge_kernel[(rows,)](
+    merge_d = min(32, block_d)
+    _merge_kernel[(rows, block_d // merge_d)](
         m_e,
         l_e,
         acc_e,
+        m_c,
+        acc_c,
         far_m,
         far_l,
         far_acc,
@@ -264,10 +268,11 @@ def fused_decode(
         lse,
         g,
         splits_n,
+        splits_c,
         HEAD_DIM=d,
-        BLOCK_G=block_g,
-        BLOCK_D=block_d,
-        SPLIT_PAD=_pow2(splits_n, 2),
+        BLOCK_G=_pow2(g, 1),
+        BLOCK_D=merge_d,
+        SPLIT_CHUNK=max(1, 64 // _pow2(g, 1)),
         WITH_FAR=replacement,
         num_warps=4,
     )

@@ -140,6 +140,16 @@ class DecodeState:
         seq_lens = seq_lens.tolist()
         return cls(keys.clone(), values.clone(), config, _clone(cluster_keys), seq_lens)
 
+    @classmethod
+    def fixed_bytes_per_head(
+        cls, config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
+    ) -> float:
+        """Bytes per KV head this method reads whatever its token budget, right after prefill
+        of ``seq_len`` tokens (used to compare methods at equal bytes). The base: the sink and
+        the recent window, which every method reads exactly."""
+        exact_tokens = seq_len - initial_clustered_len(seq_len, config)
+        return float(exact_tokens * 2 * head_dim * elem_size)
+
     # ------------------------------------------------------------------ properties
     @property
     def batch_size(self) -> int:
@@ -376,9 +386,8 @@ class MultipoleState(DecodeState):
             opened = min(config.coarse_budget_tokens(length), length)
             centroids = sum(config.coarse_clusters_for(k) for k in fine)
             centroids += config.clusters_for(opened)
-        exact = min(config.sink_tokens, seq_len) + seq_len - config.sink_tokens - length
-        token_bytes = 2 * head_dim * elem_size
-        return exact * token_bytes + centroids * _centroid_bytes(config, head_dim, elem_size, False)
+        exact = super().fixed_bytes_per_head(config, seq_len, head_dim, elem_size)
+        return exact + centroids * _centroid_bytes(config, head_dim, elem_size, False)
 
     def _index_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         attention = self._keys if self.index.level0.attention_key_centroids is not None else None

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 from ..config import MultipoleConfig
 from ..state import DecodeState, MultipoleState
-from .centroid_only import CentroidOnlyState, multipole_fixed_bytes
+from .centroid_only import CentroidOnlyState
 from .dense import DenseState
 from .oracle import OracleTopKState
 from .quest import QuestState
@@ -39,11 +38,6 @@ METHODS: dict[str, type[DecodeState]] = {
     "oracle_topk": OracleTopKState,
     "window": WindowState,
 }
-
-
-def _fixed_bytes(cls: type[DecodeState]) -> Callable[[MultipoleConfig, int, int, int], float]:
-    # MultipoleState lives in state.py, which has no fixed_bytes_per_head of its own.
-    return multipole_fixed_bytes if cls is MultipoleState else cls.fixed_bytes_per_head
 
 
 def budget_for_read_fraction(
@@ -82,7 +76,7 @@ def budget_for_read_fraction(
     if method == "dense":
         return config
     token_bytes = 2 * head_dim * elem_size
-    fixed = _fixed_bytes(METHODS[method])(config, seq_len, head_dim, elem_size)
+    fixed = METHODS[method].fixed_bytes_per_head(config, seq_len, head_dim, elem_size)
     budget = math.floor((read_fraction * seq_len * token_bytes - fixed) / token_bytes)
     if budget < 0:
         minimum = fixed / (seq_len * token_bytes)

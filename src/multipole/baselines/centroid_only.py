@@ -1,4 +1,4 @@
-"""Centroid-only ("Squeezed") attention, and the fixed bytes of every Multipole variant."""
+"""Centroid-only ("Squeezed") attention: Multipole Attention without the far field."""
 
 from __future__ import annotations
 
@@ -7,31 +7,7 @@ import dataclasses
 import torch
 
 from ..config import MultipoleConfig
-from ..state import MultipoleState, initial_clustered_len
-from .dense import exact_region_bytes
-
-
-def multipole_fixed_bytes(
-    config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
-) -> float:
-    """Bytes per KV head that :class:`MultipoleState` reads whatever its token budget, right
-    after prefill of ``seq_len`` tokens: sink, recent window, and every centroid scored.
-
-    Each centroid costs its key centroid (plus its value centroid with ``replacement``) and a
-    4-byte size. With ``levels == 2``: every level-1 centroid, plus the level-0 clusters of
-    ``coarse_budget_tokens`` tokens (the children of the opened coarse clusters).
-    """
-    length = initial_clustered_len(seq_len, config)
-    blocks = [min(config.block_size, length - s) for s in range(0, length, config.block_size)]
-    fine = [config.clusters_for(n) for n in blocks]
-    if config.levels == 1:
-        centroids = sum(fine)
-    else:
-        opened = min(config.coarse_budget_tokens(length), length)
-        centroids = sum(config.coarse_clusters_for(k) for k in fine) + config.clusters_for(opened)
-    vectors = 2 if config.replacement else 1
-    centroid_bytes = vectors * head_dim * elem_size + 4
-    return exact_region_bytes(config, seq_len, head_dim, elem_size) + centroids * centroid_bytes
+from ..state import MultipoleState
 
 
 class CentroidOnlyState(MultipoleState):
@@ -59,4 +35,4 @@ class CentroidOnlyState(MultipoleState):
     ) -> float:
         """Bytes per KV head read whatever the budget: sink, recent window, key centroids."""
         config = dataclasses.replace(config, replacement=False)
-        return multipole_fixed_bytes(config, seq_len, head_dim, elem_size)
+        return super().fixed_bytes_per_head(config, seq_len, head_dim, elem_size)

@@ -6,16 +6,7 @@ import torch
 
 from ..config import MultipoleConfig
 from ..ops.decode import attend_tokens
-from ..state import DecodeState, Reads, initial_clustered_len
-
-
-def exact_region_bytes(
-    config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
-) -> float:
-    """Bytes per KV head of the sink and recent window of a sequence of ``seq_len`` tokens
-    right after prefill: the part every method reads exactly, whatever its budget."""
-    exact_tokens = seq_len - initial_clustered_len(seq_len, config)
-    return float(exact_tokens * 2 * head_dim * elem_size)
+from ..state import DecodeState, Reads
 
 
 def exact_reads(token_mask: torch.Tensor, batch: int, num_kv_heads: int) -> Reads:

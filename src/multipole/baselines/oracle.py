@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MultipoleConfig
 from ..ops.decode import attend_tokens
 from ..ops.lookup import cluster_logits, log_importance, select_by_budget
 from ..state import DecodeState, Reads
-from .dense import exact_reads, exact_region_bytes
+from .dense import exact_reads
 
 
 class OracleTopKState(DecodeState):
@@ -20,14 +19,6 @@ class OracleTopKState(DecodeState):
     is what makes it an oracle, the upper bound of any token selector at this budget. Its
     reads report only the exactly attended tokens (``metadata_bytes = 0``).
     """
-
-    @classmethod
-    def fixed_bytes_per_head(
-        cls, config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
-    ) -> float:
-        """Bytes per KV head read whatever the budget: sink and recent window (the full
-        scoring pass of the oracle is not counted)."""
-        return exact_region_bytes(config, seq_len, head_dim, elem_size)
 
     def _attend(
         self, q: torch.Tensor, lookup_q: torch.Tensor, scale: float

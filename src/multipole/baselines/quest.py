@@ -12,7 +12,6 @@ from ..ops.decode import attend_tokens
 from ..ops.decode.reference import compute_dtype
 from ..ops.lookup import select_by_budget
 from ..state import DecodeState, Reads, initial_clustered_len
-from .dense import exact_region_bytes
 
 PAGE_SIZE = 16
 
@@ -52,7 +51,9 @@ class QuestState(DecodeState):
         max key of every page."""
         pages = math.ceil(initial_clustered_len(seq_len, config) / PAGE_SIZE)
         page_bytes = 2 * head_dim * elem_size
-        return exact_region_bytes(config, seq_len, head_dim, elem_size) + pages * page_bytes
+        return (
+            super().fixed_bytes_per_head(config, seq_len, head_dim, elem_size) + pages * page_bytes
+        )
 
     def _attend(
         self, q: torch.Tensor, lookup_q: torch.Tensor, scale: float

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MultipoleConfig
 from ..ops.decode import attend_tokens
 from ..state import DecodeState, Reads
-from .dense import exact_reads, exact_region_bytes
+from .dense import exact_reads
 
 
 class WindowState(DecodeState):
@@ -16,13 +15,6 @@ class WindowState(DecodeState):
     A longer sliding window (StreamingLLM-style, with attention sinks): what a method that
     does no lookup gets for the same bytes. With ``budget >= clustered_len`` it is dense.
     """
-
-    @classmethod
-    def fixed_bytes_per_head(
-        cls, config: MultipoleConfig, seq_len: int, head_dim: int, elem_size: int
-    ) -> float:
-        """Bytes per KV head read whatever the budget: sink and recent window."""
-        return exact_region_bytes(config, seq_len, head_dim, elem_size)
 
     def _attend(
         self, q: torch.Tensor, lookup_q: torch.Tensor, scale: float

@@ -79,9 +79,48 @@ def _sparse_decode_kernel(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, NATIVE_DOT)
         m = m_new
     part = bh * num_splits + split
-    tl.store(M_PART + part * BLOCK_G + offs_g, m)
-    tl.store(L_PART + part * BLOCK_G + offs_g, den)
-    tl.store(ACC_PART + (part * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(M_PART + part * group + offs_g, m, mask=mask_g)
+    tl.store(L_PART + part * group + offs_g, den, mask=mask_g)
+    tl.store(
+        ACC_PART + (part * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+        acc,
+        mask=mask_g[:, None] & mask_d[None, :],
+    )
+
+
+@triton.jit
+def _weighted_sum(
+    M_PART,
+    ACC_PART,
+    bh,
+    d0,
+    num_splits,
+    m_safe,
+    group,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
+    """``sum_s exp(m_s - m_safe) * acc_s[:, d0:d0 + BLOCK_D]`` over the splits of one row,
+    SPLIT_CHUNK splits at a time."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    mask_g = offs_g < group
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        splits = s0 + offs_s
+        part = (bh * num_splits + splits)[:, None] * group + offs_g[None, :]  # [S, G]
+        mask_sg = (splits < num_splits)[:, None] & mask_g[None, :]
+        w = tl.exp(tl.load(M_PART + part, mask=mask_sg, other=float("-inf")) - m_safe[None, :])
+        acc_s = tl.load(
+            ACC_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+            mask=mask_sg[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
+            other=0.0,
+        )  # [S, G, D]
+        acc += tl.sum(w[:, :, None] * acc_s, 0)
+    return acc
 
 
 @triton.jit
@@ -89,6 +128,8 @@ def _merge_kernel(
     M_PART,
     L_PART,
     ACC_PART,
+    C_M_PART,
+    C_ACC_PART,
     FAR_M,
     FAR_L,
     FAR_ACC,
@@ -96,44 +137,79 @@ def _merge_kernel(
     LSE,
     group,
     num_splits,
+    num_centroid_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     WITH_FAR: tl.constexpr,
 ):
+    """Combine the exact pass's splits and the far field of one (sequence, KV head).
+
+    The far field is the centroid pass's splits (all clusters) plus the selection's
+    correction (minus the selected clusters), whose denominator is already net.
+    """
     bh = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1) * BLOCK_D  # this program's slice of the head dim
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, SPLIT_PAD)
-    mask_s = offs_s < num_splits
-    part = (bh * num_splits + offs_s)[:, None] * BLOCK_G + offs_g[None, :]
-    m_s = tl.load(M_PART + part, mask=mask_s[:, None], other=float("-inf"))  # [SPLIT, G]
-    m = tl.max(m_s, axis=0)
-    far = bh * BLOCK_G + offs_g
-    if WITH_FAR:
-        far_m = tl.load(FAR_M + far)
-        m = tl.maximum(m, far_m)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        one = bh * num_splits + s
-        w = tl.exp(tl.load(M_PART + one * BLOCK_G + offs_g) - m_safe)
-        den += w * tl.load(L_PART + one * BLOCK_G + offs_g)
-        acc += w[:, None] * tl.load(
-            ACC_PART + (one * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
-        )
-    if WITH_FAR:
-        w = tl.exp(far_m - m_safe)
-        den += w * tl.load(FAR_L + far)
-        acc += w[:, None] * tl.load(FAR_ACC + far[:, None] * BLOCK_D + offs_d[None, :])
-    out = acc / tl.where(den > 0, den, 1.0)[:, None]
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
     mask_g = offs_g < group
+    mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    far = bh * group + offs_g
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    if WITH_FAR:
+        m = tl.load(FAR_M + far, mask=mask_g, other=float("-inf"))
+    den = tl.zeros([BLOCK_G], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        splits = s0 + offs_s
+        part = (bh * num_splits + splits)[:, None] * group + offs_g[None, :]
+        mask_sg = (splits < num_splits)[:, None] & mask_g[None, :]
+        m = tl.maximum(m, tl.max(tl.load(M_PART + part, mask=mask_sg, other=float("-inf")), 0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        splits = s0 + offs_s
+        part = (bh * num_splits + splits)[:, None] * group + offs_g[None, :]
+        mask_sg = (splits < num_splits)[:, None] & mask_g[None, :]
+        w = tl.exp(tl.load(M_PART + part, mask=mask_sg, other=float("-inf")) - m_safe[None, :])
+        den += tl.sum(w * tl.load(L_PART + part, mask=mask_sg, other=0.0), 0)
+    acc = _weighted_sum(
+        M_PART,
+        ACC_PART,
+        bh,
+        d0,
+        num_splits,
+        m_safe,
+        group,
+        HEAD_DIM,
+        BLOCK_G,
+        BLOCK_D,
+        SPLIT_CHUNK,
+    )
+    if WITH_FAR:
+        acc += _weighted_sum(
+            C_M_PART,
+            C_ACC_PART,
+            bh,
+            d0,
+            num_centroid_splits,
+            m_safe,
+            group,
+            HEAD_DIM,
+            BLOCK_G,
+            BLOCK_D,
+            SPLIT_CHUNK,
+        )
+        w = tl.exp(tl.load(FAR_M + far, mask=mask_g, other=float("-inf")) - m_safe)
+        den += w * tl.load(FAR_L + far, mask=mask_g, other=0.0)
+        acc += w[:, None] * tl.load(
+            FAR_ACC + far[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_gd, other=0.0
+        )
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(
         OUT + (bh * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
         out.to(OUT.dtype.element_ty),
-        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
+        mask=mask_gd,
     )
     lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
     tl.store(LSE + bh * group + offs_g, lse, mask=mask_g)

@@ -91,10 +91,14 @@ def _centroid_pass_kernel(
             acc = acc * alpha[:, None] + dot(p.to(vc.dtype), vc, NATIVE_DOT)
         m = m_new
     part = bh * num_splits + split
-    tl.store(M_PART + part * BLOCK_G + offs_g, m)
-    tl.store(L_PART + part * BLOCK_G + offs_g, den)
+    tl.store(M_PART + part * group + offs_g, m, mask=mask_g)
+    tl.store(L_PART + part * group + offs_g, den, mask=mask_g)
     if WITH_FAR:
-        tl.store(ACC_PART + (part * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :], acc)
+        tl.store(
+            ACC_PART + (part * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=mask_g[:, None] & mask_d[None, :],
+        )
 
 
 @triton.jit
@@ -106,7 +110,6 @@ def _select_kernel(
     VC,
     M_PART,
     L_PART,
-    ACC_PART,
     SEQ_LENS,
     CLUSTERED,
     BUDGET,
@@ -153,9 +156,10 @@ def _select_kernel(
     # 1. Softmax state of all clusters from the centroid pass splits: [BLOCK_G].
     offs_s = tl.arange(0, SPLIT_PAD)
     mask_s = offs_s < num_splits
-    part = (bh * num_splits + offs_s)[:, None] * BLOCK_G + offs_g[None, :]
-    m_s = tl.load(M_PART + part, mask=mask_s[:, None], other=float("-inf"))  # [SPLIT, G]
-    l_s = tl.load(L_PART + part, mask=mask_s[:, None], other=0.0)
+    part = (bh * num_splits + offs_s)[:, None] * group + offs_g[None, :]
+    mask_sg = mask_s[:, None] & mask_g[None, :]
+    m_s = tl.load(M_PART + part, mask=mask_sg, other=float("-inf"))  # [SPLIT, G]
+    l_s = tl.load(L_PART + part, mask=mask_sg, other=0.0)
     m = tl.max(m_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w_s = tl.exp(m_s - m_safe[None, :])
@@ -238,16 +242,11 @@ def _select_kernel(
     tl.store(COUNT + bh, num_exact + selected_tokens)
     tl.store(NUM_SELECTED + bh, num_selected)
 
-    # 6. Far field of the unselected clusters = all clusters minus the selected ones.
+    # 6. Far field of the unselected clusters = all clusters minus the selected ones. The
+    # accumulators of all clusters stay in the centroid pass's splits (the merge sums them);
+    # here only the selected clusters' part is computed, to be subtracted.
     if WITH_FAR:
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in range(num_splits):
-            one = bh * num_splits + s
-            m_one = tl.load(M_PART + one * BLOCK_G + offs_g)
-            acc_one = tl.load(
-                ACC_PART + (one * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
-            )
-            acc += acc_one * tl.exp(m_one - m_safe)[:, None]
         offs_r = tl.arange(0, SEL_CHUNK)
         for r0 in range(0, num_selected, SEL_CHUNK):
             ranks = r0 + offs_r
@@ -268,7 +267,11 @@ def _select_kernel(
             )
             den -= tl.sum(p, axis=1)
             acc -= dot(p.to(vc.dtype), vc, NATIVE_DOT)
-        far = bh * BLOCK_G + offs_g
-        tl.store(FAR_M + far, m)
-        tl.store(FAR_L + far, tl.maximum(den, 0.0))
-        tl.store(FAR_ACC + far[:, None] * BLOCK_D + offs_d[None, :], acc)
+        far = bh * group + offs_g
+        tl.store(FAR_M + far, m, mask=mask_g)
+        tl.store(FAR_L + far, tl.maximum(den, 0.0), mask=mask_g)
+        tl.store(
+            FAR_ACC + far[:, None] * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=mask_g[:, None] & mask_d[None, :],
+        )
