@@ -1,4 +1,4 @@
-"""The ``multipole`` command line: ``info`` and ``demo`` (more subcommands come with later work)."""
+"""The ``multipole`` command line: ``info``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def _info(_: argparse.Namespace) -> int:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
         "triton": _version_of("triton"),
         "transformers": _version_of("transformers"),
+        "fused kernels": "available (CUDA + Triton)"
+        if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+        else "unavailable (needs CUDA and Triton): the PyTorch reference runs",
     }
     for key, value in rows.items():
-        print(f"{key:<13}{value}")
+        print(f"{key:<14}{value}")
     return 0
 
 
@@ -66,6 +69,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import kernels
+
+    kernels.main(args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multipole", description=__doc__)
     parser.add_argument("--version", action="version", version=f"multipole {__version__}")
@@ -94,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", default=None, help="write the full report to this file")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+
+    bench = sub.add_parser("bench", help="GPU benchmarks, checked before timed, JSON out")
+    bench.add_argument("suite", choices=["kernels"], help="kernels: one decode step vs SDPA")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (--help)")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -5,7 +5,7 @@ vs dense with a full budget); times are medians of ``triton.testing.do_bench`` i
 ratios compare like with like. Writes a JSON report (rows carry GPU, versions, git sha, UTC
 time and the command) and prints a table.
 
-    python benchmarks/kernels.py --out results.json [--contexts 32768,131072] [--batches 1,4,16]
+    multipole bench kernels --out results.json [--contexts 32768,131072] [--batches 1,4,16]
 """
 
 from __future__ import annotations
@@ -151,14 +151,17 @@ def bench_update(args) -> dict:
     return dict(update_plus_one_step_ms=sorted(times[1:])[len(times[1:]) // 2], runs_ms=times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    """Run the kernel benchmark (needs a CUDA device); ``argv`` as after ``bench kernels``."""
+    if not torch.cuda.is_available():
+        raise SystemExit("multipole bench kernels: needs a CUDA device, none is available")
+    parser = argparse.ArgumentParser(prog="multipole bench kernels")
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--budgets", default="128,0.05")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--out", default="kernels.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sha = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -168,7 +171,9 @@ def main() -> None:
         triton=triton.__version__,
         git_sha=sha or "unknown",
         utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        command="python " + " ".join(sys.argv),
+        command=" ".join(
+            ["multipole", "bench", "kernels", *(argv if argv is not None else sys.argv[1:])]
+        ),
     )
     meta["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
     rows = []

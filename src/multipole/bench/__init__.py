@@ -1,0 +1,1 @@
+"""Benchmarks behind ``multipole bench``: each checks its outputs before timing them."""
