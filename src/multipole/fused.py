@@ -1,11 +1,12 @@
-"""The fused decode step: four Triton launches, no host synchronisation, fixed shapes.
+"""The fused decode step: five Triton launches, no host synchronisation, fixed shapes.
 
 1. centroid pass (``ops/lookup/kernel.py``): logits of the group against every centroid and
    the far-field softmax state over all clusters, in one read of the centroids;
-2. selection: budget threshold by bisection, compacted token positions (sink, recent window,
-   tokens of selected clusters), far field minus the selected clusters;
-3. split-K flash decoding over those positions (``ops/decode/kernel.py``);
-4. log-sum-exp merge of the splits and the far field.
+2. scores: each cluster's estimated attention mass (the paper's eq. 1, summed over the group);
+3. selection: budget threshold by bisection, compacted token positions (sink, recent window,
+   tokens of selected clusters), the selected clusters' part of the far field (to subtract);
+4. split-K flash decoding over those positions (``ops/decode/kernel.py``);
+5. log-sum-exp merge of the splits, the far field and its correction.
 
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
 ``levels == 1`` (cluster ties at the budget boundary aside), reading the tokens of a cluster
@@ -25,6 +26,7 @@ from .ops.kernel_utils import native_dot
 BLOCK_C = 64  # centroids per tile of the centroid pass
 BLOCK_N = 64  # tokens per tile of the exact pass
 CHUNK = 1024  # clusters / slots per step of the selection
+SCORE_CHUNK = 256  # clusters per program of the scoring
 SEL_CHUNK = 64  # selected clusters per step of the far-field correction
 TOKENS_PER_SPLIT = 256  # granularity (and minimum) of the exact pass's split-K
 BISECT_STEPS = 32  # threshold resolution: (max - min score) / 2**32
@@ -129,7 +131,7 @@ def fused_decode(
         tokens attended exactly and ``num_selected [B, H_kv]`` clusters selected.
     """
     from .ops.decode.kernel import _merge_kernel, _sparse_decode_kernel
-    from .ops.lookup.kernel import _centroid_pass_kernel, _select_kernel
+    from .ops.lookup.kernel import _centroid_pass_kernel, _score_kernel, _select_kernel
 
     b, h, g, d = q.shape
     dev = q.device
@@ -182,6 +184,19 @@ def fused_decode(
     far_m = buf("far_m", (rows, g), f32)
     far_l = buf("far_l", (rows, g), f32)
     far_acc = buf("far_acc", (rows, g, d), f32)
+    _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
+        z,
+        m_c,
+        l_c,
+        scratch_f,
+        num_clusters,
+        g,
+        splits_c,
+        ROWS=_pow2(g, 1),
+        SPLIT_PAD=_pow2(splits_c, 2),
+        CHUNK=SCORE_CHUNK,
+        num_warps=4,
+    )
     _select_kernel[(rows,)](
         z,
         layout.sizes,

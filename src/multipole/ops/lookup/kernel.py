@@ -102,6 +102,48 @@ def _centroid_pass_kernel(
 
 
 @triton.jit
+def _score_kernel(
+    Z,
+    M_PART,
+    L_PART,
+    SCORE,
+    num_clusters,
+    group,
+    num_splits,
+    ROWS: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Score of every cluster, ``log sum_g exp(z[g, c] - lse[g])`` (the log of the paper's
+    eq. 1 summed over the group); dead clusters get ``-inf``. Grid: (rows, cluster chunks)."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_g = tl.arange(0, ROWS)
+    mask_g = offs_g < group
+    offs_s = tl.arange(0, SPLIT_PAD)
+    part = (bh * num_splits + offs_s)[:, None] * group + offs_g[None, :]
+    mask_sg = (offs_s < num_splits)[:, None] & mask_g[None, :]
+    m_s = tl.load(M_PART + part, mask=mask_sg, other=float("-inf"))  # [SPLIT, G]
+    l_s = tl.load(L_PART + part, mask=mask_sg, other=0.0)
+    m = tl.max(m_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(l_s * tl.exp(m_s - m_safe[None, :]), axis=0)
+    lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), 0.0)
+    cs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    mask_c = cs < num_clusters
+    z = tl.load(
+        Z + (bh * group + offs_g[:, None]) * num_clusters + cs[None, :],
+        mask=mask_g[:, None] & mask_c[None, :],
+        other=float("-inf"),
+    )  # [ROWS, CHUNK]
+    x = z - lse[:, None]
+    x_max = tl.max(x, axis=0)
+    x_safe = tl.where(x_max == float("-inf"), 0.0, x_max)
+    mass = tl.sum(tl.exp(x - x_safe[None, :]), axis=0)
+    score = tl.where(mass > 0, x_safe + tl.log(tl.where(mass > 0, mass, 1.0)), float("-inf"))
+    tl.store(SCORE + bh * num_clusters + cs, score, mask=mask_c)
+
+
+@triton.jit
 def _select_kernel(
     Z,
     SIZES,
@@ -164,25 +206,9 @@ def _select_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w_s = tl.exp(m_s - m_safe[None, :])
     den = tl.sum(l_s * w_s, axis=0)
-    lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), 0.0)
 
-    # 2. Score of every cluster: log sum_g exp(z[g, c] - lse[g]); dead clusters get -inf.
+    # 2. Scores come from _score_kernel (all clusters, many programs).
     offs_k = tl.arange(0, CHUNK)
-    for c0 in range(0, num_clusters, CHUNK):
-        cs = c0 + offs_k
-        mask_c = cs < num_clusters
-        z = tl.load(
-            Z + (bh * group + offs_g[:, None]) * num_clusters + cs[None, :],
-            mask=mask_g[:, None] & mask_c[None, :],
-            other=float("-inf"),
-        )
-        x = z - lse[:, None]
-        x_max = tl.max(x, axis=0)
-        x_safe = tl.where(x_max == float("-inf"), 0.0, x_max)
-        mass = tl.sum(tl.exp(x - x_safe[None, :]), axis=0)
-        score = tl.where(mass > 0, x_safe + tl.log(tl.where(mass > 0, mass, 1.0)), float("-inf"))
-        tl.store(SCORE + bh * num_clusters + cs, score, mask=mask_c)
-    tl.debug_barrier()
 
     # 3. Threshold: the largest set {score > t} whose sizes fit in the budget, by bisection.
     offs_all = tl.arange(0, CLUSTER_PAD)
