@@ -59,7 +59,13 @@ def test_online_update_keeps_the_index_exact(gen, chunk, levels):
     frozen_seen = False
     for _ in range(max(1, 420 // chunk)):
         before_frozen = [s for s in state.index.open_block_start]
-        snapshot = state.index.labels.clone(), state.index.level0.key_centroids.clone()
+        level = state.index.level0
+        snapshot = (
+            state.index.labels.clone(),
+            level.key_centroids.clone(),
+            level.value_centroids.clone(),
+            level.sizes.clone(),
+        )
         nk = torch.randn(2, 2, chunk, 16, generator=gen)
         state.append(nk, torch.randn(2, 2, chunk, 16, generator=gen))
         for b, frozen_tokens in enumerate(before_frozen):
@@ -69,9 +75,12 @@ def test_online_update_keeps_the_index_exact(gen, chunk, levels):
             n_frozen = (
                 int(snapshot[0][b, :, cfg.sink_tokens : end].max()) + 1 if frozen_tokens else 0
             )
-            assert torch.equal(
-                state.index.level0.key_centroids[b, :, :n_frozen], snapshot[1][b, :, :n_frozen]
-            )
+            for now, before in zip(
+                (level.key_centroids, level.value_centroids, level.sizes),
+                snapshot[1:],
+                strict=True,
+            ):
+                assert torch.equal(now[b, :, :n_frozen], before[b, :, :n_frozen])
             frozen_seen |= frozen_tokens > 0
     check_invariants(state)
     assert frozen_seen  # a block boundary was crossed
@@ -87,6 +96,7 @@ def test_clusters_keep_the_configured_ratio(gen):
         )
     length = state.clustered_len[0]
     blocks = [min(CFG.block_size, length - s) for s in range(0, length, CFG.block_size)]
+    assert blocks == CFG.block_sizes(length)
     assert state.index.level0.count[0] == sum(CFG.clusters_for(n) for n in blocks)
 
 

@@ -145,6 +145,43 @@ def test_lookup_query_only_changes_the_selection(gen):
     assert rel_err(out, dense_attention(q, k, v)) < 1e-5
 
 
+def test_lookup_query_drives_selection_and_far_field(gen):
+    """With budget 0, out = exact sink/recent part (query q) merged with the far field of every
+    cluster scored with the lookup query; and selection follows the lookup query."""
+    from multipole.ops.decode import attend_tokens, far_field, merge_states
+
+    planted = PlantedKV(num_kv_heads=2, head_dim=32, seed=_seed(gen))
+    k, v = planted.kv(1, 800)
+    q, lq = planted.queries(1, 4), planted.queries(1, 4)
+    state = MultipoleState.prefill(k, v, dataclasses.replace(SMALL, token_budget=0))
+    out = state.attend(q, lookup_q=lq)
+    exact, _, _ = state._regions()
+    level = state.index.level0
+    qg, lg = q.view(1, 2, 4, 32), lq.view(1, 2, 4, 32)
+    expected, _ = merge_states(
+        *attend_tokens(qg, k, v, exact, 32**-0.5),
+        *far_field(
+            lg, level.key_centroids, level.value_centroids, level.sizes, level.sizes > 0, 32**-0.5
+        ),
+    )
+    assert rel_err(out, expected.reshape(q.shape)) < 1e-5
+    assert rel_err(out, state.attend(q)) > 1e-3  # the lookup query matters
+
+    state.config = dataclasses.replace(SMALL, token_budget=64)
+    state.attend(lq)
+    by_lookup_query = state._reads.tokens_exact.clone()
+    state.attend(q, lookup_q=lq)
+    assert torch.equal(state._reads.tokens_exact, by_lookup_query)
+
+
+def test_non_contiguous_inputs_are_handled(gen):
+    k, v = _kv(gen, 1, 600, 2, 32)  # [B, N, H, D] as projections produce them
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    q = torch.randn(1, 8, 32, generator=gen)
+    out = MultipoleState.prefill(k, v, FULL).attend(q)
+    assert rel_err(out, dense_attention(q, k.contiguous(), v.contiguous())) < 1e-5
+
+
 def test_equal_bytes_ordering_multipole_centroid_only_window(gen):
     """On planted clusters at equal bytes read: multipole < centroid-only < window (error)."""
     from multipole.baselines import METHODS, budget_for_read_fraction

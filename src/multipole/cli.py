@@ -60,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         f"Every method at ~{args.read_fraction:.2%} of the dense KV bytes (centroid and page "
         f"metadata counted), {report['online_updates']} online updates during decode; "
-        "time = PyTorch reference path."
+        "time = each method's default backend (PyTorch on the CPU)."
     )
     print(format_table(report))
     if args.json:

@@ -49,7 +49,8 @@ class MultipoleConfig:
         block_size: tokens per k-means block; a block is frozen once it is full. Must be a
             multiple of ``interval``.
         kmeans_iters: Lloyd iterations when a block is clustered at prefill.
-        update_iters: Lloyd iterations over the open (final) block at each online update.
+        update_iters: Lloyd iterations over the open (final) block at each online update (its
+            level-1 clusters, with ``levels == 2``, are re-fit with ``kmeans_iters``).
         levels: 1, or 2 for a hierarchy: coarse clusters of the level-0 centroids are scored
             first and only the children of the most important ones are scored and selected.
         level_ratio: coarse clusters per level-0 cluster when ``levels == 2``.
@@ -63,11 +64,13 @@ class MultipoleConfig:
             The two coincide when the clustering keys are the attention keys.
         lookup_position: fixed RoPE position at which lookup queries are rotated when keys
             are clustered position-free (used by model integrations).
-        seed: seed of k-means initialisation; results depend on it and on nothing else.
+        seed: seed of k-means initialisation; seeds are drawn from (seed, KV head, position),
+            so a sequence is seeded the same alone or in any batch.
         validate: check inputs for NaN/inf; None checks CPU tensors only (a CUDA check syncs).
         backend: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels: CUDA, or
             the CPU under ``TRITON_INTERPRET=1``), or ``"auto"``: Triton on CUDA where the
-            kernels cover the settings (``levels == 1``), the reference otherwise.
+            kernels cover the call (``levels == 1``, a float16/bfloat16/float32 cache, far field
+            from the lookup query), the reference otherwise.
     """
 
     centroid_ratio: float = 1 / 16
@@ -138,6 +141,13 @@ class MultipoleConfig:
     def coarse_budget_tokens(self, clustered_len: int) -> int:
         """Tokens whose level-0 clusters are scored, for ``levels == 2``."""
         return _resolve(self.coarse_budget, clustered_len)
+
+    def block_sizes(self, clustered_len: int) -> list[int]:
+        """Tokens of each k-means block of a clustered region (full blocks, then the rest)."""
+        return [
+            min(self.block_size, clustered_len - start)
+            for start in range(0, clustered_len, self.block_size)
+        ]
 
     def clusters_for(self, num_tokens: int) -> int:
         """Number of level-0 clusters of a block of ``num_tokens`` tokens."""

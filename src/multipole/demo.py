@@ -3,7 +3,8 @@
 A synthetic context with planted cluster structure is prefilled once per method; then every
 method decodes the same queries and appends the same new tokens (crossing online updates),
 and the table reports the fraction of KV bytes read, the error against dense attention and
-the time per step of the reference (PyTorch) path.
+the time per step (each method on its default backend: PyTorch on the CPU; on CUDA the fused
+kernels for multipole and centroid-only, PyTorch for the baselines).
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def fused_decode(
         q, lookup_q: ``[B, H_kv, G, D]`` contiguous, in the cache dtype.
         keys, values: the cache ``[B, H_kv, capacity, D]`` (contiguous).
         layout: :class:`FusedLayout` of the current index.
-        seq_lens, clustered_len, budget: ``[B]`` int32 device tensors.
+        seq_lens, clustered_len, budget: ``[B]`` integer device tensors (budget at most the
+            clustered length).
         max_budget: an upper bound of ``budget`` (sizes the buffers; no sync).
         sink_tokens: sink length; max_recent: bound of the recent window (``2 * interval``).
         scale: softmax scale; replacement: add the far field.
@@ -133,6 +134,9 @@ def fused_decode(
     from .ops.decode.kernel import _merge_kernel, _sparse_decode_kernel
     from .ops.lookup.kernel import _centroid_pass_kernel, _score_kernel, _select_kernel
 
+    for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
+        if not t.is_contiguous():
+            raise ValueError(f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})")
     b, h, g, d = q.shape
     dev = q.device
     rows = b * h

@@ -69,11 +69,11 @@ class ClusterLevel:
         if needed <= capacity:
             return
         new = max(needed, 2 * capacity)
-        self.key_centroids = _grow(self.key_centroids, 2, new, 0)
-        self.value_centroids = _grow(self.value_centroids, 2, new, 0)
-        self.sizes = _grow(self.sizes, 2, new, 0)
+        self.key_centroids = grow(self.key_centroids, 2, new, 0)
+        self.value_centroids = grow(self.value_centroids, 2, new, 0)
+        self.sizes = grow(self.sizes, 2, new, 0)
         if self.attention_key_centroids is not None:
-            self.attention_key_centroids = _grow(self.attention_key_centroids, 2, new, 0)
+            self.attention_key_centroids = grow(self.attention_key_centroids, 2, new, 0)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class ClusterIndex:
 
     # ------------------------------------------------------------------ building
     def reserve_tokens(self, needed: int) -> None:
-        self.labels = _grow(self.labels, 2, needed, -1)
+        self.labels = grow(self.labels, 2, needed, -1)
 
     def prefill(
         self,
@@ -143,8 +143,9 @@ class ClusterIndex:
         rows = []
         for b, length in enumerate(clustered_len):
             clusters = coarse = 0
-            for start in range(0, length, cfg.block_size):
-                size = min(cfg.block_size, length - start)
+            for start, size in zip(
+                range(0, length, cfg.block_size), cfg.block_sizes(length), strict=True
+            ):
                 k, k1 = cfg.clusters_for(size), cfg.coarse_clusters_for(cfg.clusters_for(size))
                 rows.append((b, cfg.sink_tokens + start, size, 0, clusters, 0, k, coarse, k1))
                 self.open_block_start[b] = start
@@ -215,7 +216,7 @@ class ClusterIndex:
         self._fit_level0(blocks, cluster_keys, values, attention_keys, iters)
         if self.level1 is not None:
             self.level1.reserve(max(self.level1.count))
-            self.parent = _grow(self.parent, 2, self.level0.sizes.shape[-1], -1)
+            self.parent = grow(self.parent, 2, self.level0.sizes.shape[-1], -1)
             self._fit_level1(blocks)
 
     def _fit_level0(
@@ -362,7 +363,7 @@ class ClusterIndex:
             )
 
 
-def _grow(t: torch.Tensor, dim: int, needed: int, fill: float) -> torch.Tensor:
+def grow(t: torch.Tensor, dim: int, needed: int, fill: float) -> torch.Tensor:
     """Return ``t`` padded with ``fill`` along ``dim`` to at least ``needed`` (doubling)."""
     size = t.shape[dim]
     if needed <= size:

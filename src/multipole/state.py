@@ -17,7 +17,7 @@ import torch
 from . import checks
 from .config import MultipoleConfig
 from .fused import FusedLayout, fused_decode
-from .index import ClusterIndex
+from .index import ClusterIndex, grow
 from .ops.decode import attend_tokens, far_field, merge_states
 from .ops.kernel_utils import kernels_available, triton_installed
 from .ops.lookup import cluster_logits, log_importance, select_by_budget
@@ -94,6 +94,9 @@ class DecodeState:
         self.seq_lens = seq_lens
         self.clustered_len = [initial_clustered_len(n, config) for n in seq_lens]
         self._reads: Reads | None = None
+        # lengths kept on the device too, so that a decode step copies nothing from the host
+        self._seq_lens_device = torch.tensor(seq_lens, dtype=torch.int64, device=keys.device)
+        self._device_cache: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,7 +141,7 @@ class DecodeState:
                 if t is not None:
                     checks.check_finite(name, t, seq_lens)
         seq_lens = seq_lens.tolist()
-        return cls(keys.clone(), values.clone(), config, _clone(cluster_keys), seq_lens)
+        return cls(_clone(keys), _clone(values), config, _clone(cluster_keys), seq_lens)
 
     @classmethod
     def fixed_bytes_per_head(
@@ -262,9 +265,7 @@ class DecodeState:
                     checks.check_finite(name, x)
 
         self._reserve_tokens(max(self.seq_lens) + t)
-        positions = torch.tensor(self.seq_lens, device=self.device).unsqueeze(1) + torch.arange(
-            t, device=self.device
-        )  # [B, T]
+        positions = self._seq_lens_device.unsqueeze(1) + torch.arange(t, device=self.device)
         rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
         for store, new in (
             (self._keys, keys),
@@ -274,6 +275,7 @@ class DecodeState:
             if store is not None and new is not None:
                 store[rows, :, positions] = new.transpose(1, 2)
         self.seq_lens = [n + t for n in self.seq_lens]
+        self._seq_lens_device += t
         self._advance_due()
 
     def _advance_due(self) -> None:
@@ -298,7 +300,7 @@ class DecodeState:
         for name in ("_keys", "_values", "_cluster_keys"):
             store = getattr(self, name)
             if store is not None and store.shape[2] < needed:
-                setattr(self, name, _grow_tokens(store, needed))
+                setattr(self, name, grow(store, 2, needed, 0))
 
     # ------------------------------------------------------------------ regions and stats
     def _regions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -306,8 +308,8 @@ class DecodeState:
         lengths ``[B]`` of the middle regions."""
         n = max(self.seq_lens)
         pos = torch.arange(n, device=self.device)
-        seq_lens = torch.tensor(self.seq_lens, device=self.device).unsqueeze(1)
-        clustered = torch.tensor(self.clustered_len, device=self.device)
+        seq_lens = self._seq_lens_device.unsqueeze(1)
+        clustered = self._device_ints("clustered_len", self.clustered_len)
         start = min(self.config.sink_tokens, n)
         valid = pos < seq_lens
         middle = (pos >= start) & (pos < start + clustered.unsqueeze(1)) & valid
@@ -316,8 +318,19 @@ class DecodeState:
 
     def _per_sequence(self, resolve: Callable[[int], int]) -> torch.Tensor:
         """``[B]`` int64 tensor of ``resolve(clustered_len)`` (budgets per middle region)."""
-        tokens = [resolve(n) for n in self.clustered_len]
-        return torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        return self._device_ints(resolve.__name__, [resolve(n) for n in self.clustered_len])
+
+    def _device_ints(self, name: str, values: list[int]) -> torch.Tensor:
+        """``values`` as a ``[B]`` int64 device tensor, copied from the host only when they
+        change (after an update or a config change), not at every decode step."""
+        key = (name, tuple(values))
+        tensor = self._device_cache.get(key)
+        if tensor is None:
+            if len(self._device_cache) > 32:
+                self._device_cache.clear()
+            tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
+            self._device_cache[key] = tensor
+        return tensor
 
     def stats(self) -> AttendStats:
         """What the last :meth:`attend` read (syncs with the device)."""
@@ -337,7 +350,10 @@ class DecodeState:
 
 
 class MultipoleState(DecodeState):
-    """Multipole Attention over a ragged batch (the float32 PyTorch reference).
+    """Multipole Attention over a ragged batch.
+
+    ``config.backend`` picks the implementation: the PyTorch reference (float32 accumulation,
+    any device; the specification) or the fused Triton kernels (CUDA, ``levels == 1``).
 
     Each decode step scores the centroids of every KV head with the query group, takes the
     clusters of highest estimated attention mass while their tokens fit in the token budget,
@@ -367,7 +383,6 @@ class MultipoleState(DecodeState):
         )
         self.index.prefill(*self._index_inputs(), self.clustered_len)
         self._fused: FusedLayout | None = None  # rebuilt after prefill and each update
-        self._seq_lens_device: torch.Tensor | None = None
 
     @classmethod
     def fixed_bytes_per_head(
@@ -378,8 +393,7 @@ class MultipoleState(DecodeState):
         ``levels == 2``: every level-1 centroid plus the level-0 clusters of
         ``coarse_budget_tokens`` tokens)."""
         length = initial_clustered_len(seq_len, config)
-        blocks = [min(config.block_size, length - s) for s in range(0, length, config.block_size)]
-        fine = [config.clusters_for(n) for n in blocks]
+        fine = [config.clusters_for(n) for n in config.block_sizes(length)]
         if config.levels == 1:
             centroids = sum(fine)
         else:
@@ -400,11 +414,6 @@ class MultipoleState(DecodeState):
     def _on_advance(self, seqs: list[int]) -> None:
         self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
         self._fused = None
-
-    def append(self, keys, values, *, cluster_keys=None) -> None:
-        super().append(keys, values, cluster_keys=cluster_keys)
-        if self._seq_lens_device is not None:
-            self._seq_lens_device += keys.shape[2]  # stays on the device: no sync per step
 
     def _attend(self, q, lookup_q, scale):
         if self._backend(lookup_q is q) == "triton":
@@ -445,16 +454,10 @@ class MultipoleState(DecodeState):
         cfg = self.config
         if self._fused is None:
             self._fused = FusedLayout.build(self.index, max(self.seq_lens), self.dtype)
-            self._clustered_device = torch.tensor(
-                self.clustered_len, dtype=torch.int32, device=self.device
-            )
-            self._budget_device = self._per_sequence(cfg.budget_tokens).to(torch.int32)
-            self._max_budget = max(cfg.budget_tokens(n) for n in self.clustered_len)
-        if self._seq_lens_device is None:
-            self._seq_lens_device = torch.tensor(
-                self.seq_lens, dtype=torch.int32, device=self.device
-            )
         layout = self._fused
+        # a budget past the middle region selects the same clusters: clamp it, so buffers
+        # are sized by what can be read
+        budgets = [min(cfg.budget_tokens(n), n) for n in self.clustered_len]
         out, lse, count, selected = fused_decode(
             q.contiguous(),
             lookup_q.contiguous(),
@@ -462,9 +465,9 @@ class MultipoleState(DecodeState):
             self._values,
             layout,
             self._seq_lens_device,
-            self._clustered_device,
-            self._budget_device,
-            max_budget=self._max_budget,
+            self._device_ints("clustered_len", self.clustered_len),
+            self._device_ints("fused_budget", budgets),
+            max_budget=max(budgets),
             sink_tokens=cfg.sink_tokens,
             max_recent=2 * cfg.interval,
             scale=scale,
@@ -629,11 +632,5 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clone()
-
-
-def _grow_tokens(store: torch.Tensor, needed: int) -> torch.Tensor:
-    b, h, n, d = store.shape
-    out = store.new_zeros(b, h, max(needed, 2 * n), d)
-    out[:, :, :n] = store
-    return out
+    """A contiguous copy (the kernels address the cache as ``[B, H_kv, N, D]`` row-major)."""
+    return None if t is None else t.clone(memory_format=torch.contiguous_format)

@@ -96,4 +96,40 @@ def test_fused_follows_appends_and_online_updates(gen):
         nk, nv = _planted(gen, 2, 2, 40, 32, torch.float32)
         state.append(nk.to(device), nv.to(device))
         q = torch.randn(2, 8, 32, generator=gen).to(device)
-        assert rel_err(_run(state, q, "triton"), _run(state, q, "reference")) < 1e-5
+        ref = _run(state, q, "reference")
+        ref_tokens = state._reads.tokens_exact.cpu()
+        assert rel_err(_run(state, q, "triton"), ref) < 1e-5
+        assert torch.equal(state._reads.tokens_exact.cpu(), ref_tokens.to(torch.int32))
+
+
+def test_fused_on_a_non_contiguous_cache_and_a_huge_budget(gen):
+    device = _device()
+    k, v = _planted(gen, 1, 2, 700, 32, torch.float32)
+    k, v = k.transpose(1, 2).contiguous().transpose(1, 2), v  # same values, other strides
+    cfg = dataclasses.replace(BASE, token_budget=10**9)
+    state = MultipoleState.prefill(k.to(device), v.to(device), cfg)
+    q = torch.randn(1, 8, 32, generator=gen).to(device)
+    dense = dense_attention(q, k.to(device), v.to(device))
+    assert rel_err(_run(state, q, "triton"), dense) < 1e-5
+    state.config = dataclasses.replace(cfg, token_budget=0, backend="triton")  # config change
+    assert rel_err(state.attend(q), _run(state, q, "reference")) < 1e-5
+
+
+@pytest.mark.gpu
+def test_decode_steps_do_not_sync_with_the_host(gen):
+    """append + attend between online updates launch work only: no device-to-host sync."""
+    cfg = dataclasses.replace(BASE, backend="triton")
+    k, v = _planted(gen, 2, 2, 4 + 320 + 32, 64, torch.bfloat16)  # recent window = interval
+    state = MultipoleState.prefill(k.cuda(), v.cuda(), cfg)
+    q = torch.randn(2, 8, 64, generator=gen).to(torch.bfloat16).cuda()
+    new = [[t.cuda() for t in _planted(gen, 2, 2, 1, 64, torch.bfloat16)] for _ in range(3)]
+    state.attend(q)  # builds the kernel layout once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for nk, nv in new:
+            state.append(nk, nv)
+            state.attend(q)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert state.clustered_len == [320, 320]  # no update ran in between
