@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from .baselines import METHODS, budget_for_read_fraction
@@ -52,7 +51,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
     new_tokens = [planted.kv(s.batch, 1) for _ in range(s.steps)]
 
     states, prefill_s = {}, {}
-    for name in tqdm(METHODS, desc="prefill", disable=not progress):
+    for name in _progress(METHODS, "prefill", progress):
         cfg = budget_for_read_fraction(
             name,
             s.read_fraction,
@@ -70,9 +69,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
     errors = {name: [] for name in METHODS}
     fractions = {name: [] for name in METHODS}
     seconds = {name: 0.0 for name in METHODS}
-    for q, (nk, nv) in tqdm(
-        list(zip(queries, new_tokens, strict=True)), desc="decode", disable=not progress
-    ):
+    for q, (nk, nv) in _progress(list(zip(queries, new_tokens, strict=True)), "decode", progress):
         q = q.to(device)
         outs = {}
         for name, state in states.items():
@@ -130,6 +127,17 @@ def format_table(report: dict[str, Any]) -> str:
 def save_report(report: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+def _progress(items, desc: str, enabled: bool):
+    """``items`` with a progress bar when enabled and tqdm is installed (it is optional)."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return items
+        return tqdm(items, desc=desc)
+    return items
 
 
 def _sync(device: torch.device) -> None:
