@@ -44,5 +44,28 @@ def kernel_table(path: str) -> str:
     return "\n".join(lines)
 
 
+def demo_table(path: str) -> str:
+    with open(path) as f:
+        report = json.load(f)
+    s = report["settings"]
+    lines = [
+        f"{s['context']} tokens, {s['num_q_heads']} query / {s['num_kv_heads']} KV heads, "
+        f"d={s['head_dim']}, {s['steps']} decode steps ({report['online_updates']} online "
+        f"updates), every method at {s['read_fraction']:.0%} of the dense KV bytes, on "
+        f"{s['device']}, torch {report['versions']['torch']}. Command: `{report['command']}`.",
+        "",
+        "| method | KV read | rel. error, mean | max | ms per step |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(report["results"], key=lambda r: r["rel_error_mean"]):
+        lines.append(
+            f"| {r['method']} | {r['read_fraction']:.1%} | {r['rel_error_mean']:.4f} | "
+            f"{r['rel_error_max']:.4f} | {r['ms_per_step']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(kernel_table(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        kind = "kernels" if "rows" in json.load(f) else "demo"
+    print(kernel_table(sys.argv[1]) if kind == "kernels" else demo_table(sys.argv[1]))

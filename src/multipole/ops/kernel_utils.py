@@ -41,3 +41,57 @@ if triton is not None:
         if NATIVE:
             return tl.dot(a, b)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def load_rows(
+        PTR, row0, num_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        """Rows ``row0 .. row0 + num_rows`` of a row-major ``[*, HEAD_DIM]`` tensor as a
+        zero-padded ``[BLOCK_R, BLOCK_D]`` tile (e.g. the query group of one KV head)."""
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        return tl.load(
+            PTR + (row0 + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
+            mask=(offs_r < num_rows)[:, None] & (offs_d < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
+    def store_partial(
+        M_PART,
+        L_PART,
+        ACC_PART,
+        part,
+        group,
+        m,
+        den,
+        acc,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        WITH_ACC: tl.constexpr,
+    ):
+        """Write one split's softmax state: max ``m``, sum ``den`` and (if ``WITH_ACC``) the
+        accumulator ``acc``."""
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < group
+        tl.store(M_PART + part * group + offs_g, m, mask=mask_g)
+        tl.store(L_PART + part * group + offs_g, den, mask=mask_g)
+        if WITH_ACC:
+            tl.store(
+                ACC_PART + (part * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+                acc,
+                mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
+            )
+
+    @triton.jit
+    def softmax_update(m, den, x, weight):
+        """One tile of an online softmax over logits ``x [G, N]`` with per-column weights
+        (1, or cluster sizes): returns the new max and sum, the tile's weights ``p`` and the
+        rescale factor ``alpha`` for the running accumulator."""
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = weight * tl.exp(x - m_safe[:, None])
+        return m_new, den * alpha + tl.sum(p, axis=1), p, alpha

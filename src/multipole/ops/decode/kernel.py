@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernel_utils import dot
+from ..kernel_utils import dot, load_rows, softmax_update, store_partial
 
 
 @triton.jit
@@ -38,16 +38,10 @@ def _sparse_decode_kernel(
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_g = offs_g < group
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + (bh * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-        mask=mask_g[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_G, BLOCK_D]
+    q = load_rows(Q, bh * group, group, HEAD_DIM, BLOCK_G, BLOCK_D)  # [BLOCK_G, BLOCK_D]
     count = tl.load(COUNT + bh)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, count)
@@ -66,25 +60,16 @@ def _sparse_decode_kernel(
         )  # [BLOCK_N, BLOCK_D]
         x = dot(q, tl.trans(k), NATIVE_DOT) * scale  # [BLOCK_G, BLOCK_N]
         x = tl.where(mask_n[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(x - m_safe[:, None])
-        den = den * alpha + tl.sum(p, axis=1)
+        m, den, p, alpha = softmax_update(m, den, x, 1.0)
         v = tl.load(
             V + rows[:, None] * HEAD_DIM + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
         )
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, NATIVE_DOT)
-        m = m_new
     part = bh * num_splits + split
-    tl.store(M_PART + part * group + offs_g, m, mask=mask_g)
-    tl.store(L_PART + part * group + offs_g, den, mask=mask_g)
-    tl.store(
-        ACC_PART + (part * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-        acc,
-        mask=mask_g[:, None] & mask_d[None, :],
+    store_partial(
+        M_PART, L_PART, ACC_PART, part, group, m, den, acc, HEAD_DIM, BLOCK_G, BLOCK_D, True
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernel_utils import dot
+from ..kernel_utils import dot, load_rows, softmax_update, store_partial
 
 
 @triton.jit
@@ -51,11 +51,7 @@ def _centroid_pass_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_g = offs_g < group
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + (bh * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-        mask=mask_g[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_G, BLOCK_D]
+    q = load_rows(Q, bh * group, group, HEAD_DIM, BLOCK_G, BLOCK_D)  # [BLOCK_G, BLOCK_D]
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -77,11 +73,7 @@ def _centroid_pass_kernel(
             z,
             mask=mask_g[:, None] & mask_c[None, :],
         )
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = n[None, :] * tl.exp(z - m_safe[:, None])  # [BLOCK_G, BLOCK_C]
-        den = den * alpha + tl.sum(p, axis=1)
+        m, den, p, alpha = softmax_update(m, den, z, n[None, :])
         if WITH_FAR:
             vc = tl.load(
                 VC + rows[:, None] * HEAD_DIM + offs_d[None, :],
@@ -89,16 +81,10 @@ def _centroid_pass_kernel(
                 other=0.0,
             )
             acc = acc * alpha[:, None] + dot(p.to(vc.dtype), vc, NATIVE_DOT)
-        m = m_new
     part = bh * num_splits + split
-    tl.store(M_PART + part * group + offs_g, m, mask=mask_g)
-    tl.store(L_PART + part * group + offs_g, den, mask=mask_g)
-    if WITH_FAR:
-        tl.store(
-            ACC_PART + (part * group + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-            acc,
-            mask=mask_g[:, None] & mask_d[None, :],
-        )
+    store_partial(
+        M_PART, L_PART, ACC_PART, part, group, m, den, acc, HEAD_DIM, BLOCK_G, BLOCK_D, WITH_FAR
+    )
 
 
 @triton.jit
