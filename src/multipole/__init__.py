@@ -9,4 +9,20 @@ from .state import AttendStats, DecodeState, MultipoleState, dense_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["AttendStats", "DecodeState", "MultipoleConfig", "MultipoleState", "dense_attention"]
+__all__ = [
+    "AttendStats",
+    "DecodeState",
+    "MultipoleCache",
+    "MultipoleConfig",
+    "MultipoleState",
+    "dense_attention",
+]
+
+
+def __getattr__(name: str):
+    # transformers is optional: the cache (and the attention registration) load on first use
+    if name == "MultipoleCache":
+        from .hf import MultipoleCache
+
+        return MultipoleCache
+    raise AttributeError(f"module 'multipole' has no attribute {name!r}")
