@@ -125,3 +125,13 @@ def test_misuse_fails_with_a_clear_message(gen):
     cache = multipole.MultipoleCache([SMALL])
     with pytest.raises(ValueError, match="per-layer configs"):
         generate(model, ids, cache, max_new_tokens=2)
+
+
+def test_chunked_prefill_gives_the_same_generation(gen):
+    model = tiny_model("qwen2", int(torch.randint(1000, (1,), generator=gen)))
+    ids = torch.randint(1, 128, (1, 300), generator=gen)
+    whole = generate(model, ids, multipole.MultipoleCache(SMALL), max_new_tokens=20)
+    chunked = generate(
+        model, ids, multipole.MultipoleCache(SMALL), max_new_tokens=20, prefill_chunk_size=64
+    )
+    assert torch.equal(whole, chunked)
