@@ -177,7 +177,7 @@ def test_lookup_query_drives_selection_and_far_field(gen):
 def test_non_contiguous_inputs_are_handled(gen):
     k, v = _kv(gen, 1, 600, 2, 32)  # [B, N, H, D] as projections produce them
     k, v = k.transpose(1, 2), v.transpose(1, 2)
-    q = torch.randn(1, 8, 32, generator=gen)
+    q = torch.randn(1, 32, 8, generator=gen).transpose(1, 2)  # [B, Hq, D], not contiguous
     out = MultipoleState.prefill(k, v, FULL).attend(q)
     assert rel_err(out, dense_attention(q, k.contiguous(), v.contiguous())) < 1e-5
 

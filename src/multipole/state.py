@@ -227,7 +227,7 @@ class DecodeState:
         group = checks.check_heads(name, q.shape[1], self.num_kv_heads)
         if checks.should_validate(self.config.validate, q):
             checks.check_finite(name, q)
-        return q.view(self.batch_size, self.num_kv_heads, group, self.head_dim)
+        return q.reshape(self.batch_size, self.num_kv_heads, group, self.head_dim)
 
     # ------------------------------------------------------------------ append
     def append(
@@ -599,7 +599,7 @@ def dense_attention(
         checks.check_finite("keys", keys, seq_lens)
         checks.check_finite("values", values, seq_lens)
     mask = (torch.arange(n, device=keys.device) < seq_lens.unsqueeze(1)).unsqueeze(1)
-    out, lse = attend_tokens(q.view(b, h, group, d), keys, values, mask, scale)
+    out, lse = attend_tokens(q.reshape(b, h, group, d), keys, values, mask, scale)
     out = out.reshape(q.shape).to(q.dtype)
     return (out, lse.reshape(b, -1).float()) if return_lse else out
 
