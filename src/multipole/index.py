@@ -89,11 +89,19 @@ class _Blocks:
     num_clusters: torch.Tensor  # [nb] level-0 clusters after the fit
     coarse_start: torch.Tensor  # [nb] first level-1 cluster id
     num_coarse: torch.Tensor  # [nb] level-1 clusters
+    max_tokens: int  # maxima known on the host: no device sync to size the work
+    max_clusters: int
+    max_new_clusters: int
 
     @classmethod
     def from_rows(cls, rows: list[tuple[int, ...]], device) -> _Blocks:
         cols = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 9).to(device)
-        return cls(*cols.unbind(1))
+        return cls(
+            *cols.unbind(1),
+            max_tokens=max(r[2] for r in rows),
+            max_clusters=max(r[6] for r in rows),
+            max_new_clusters=max(r[6] - r[5] for r in rows),
+        )
 
 
 class ClusterIndex:
@@ -229,8 +237,7 @@ class ClusterIndex:
     ) -> None:
         cfg, h = self.config, self.num_kv_heads
         nb = blocks.seq.shape[0]
-        n_max = int(blocks.num_tokens.max())
-        k_max = int(blocks.num_clusters.max())
+        n_max, k_max = blocks.max_tokens, blocks.max_clusters
         offsets = torch.arange(n_max, device=blocks.seq.device)
         positions = blocks.token_start.unsqueeze(1) + offsets  # [nb, n]
         valid = offsets < blocks.num_tokens.unsqueeze(1)  # [nb, n]
@@ -242,7 +249,7 @@ class ClusterIndex:
         priority = hash_uniform(cfg.seed, heads, positions.unsqueeze(1))  # [nb, H, n]
         is_new = valid & (offsets >= blocks.new_from.unsqueeze(1))
         priority = priority.masked_fill(~is_new.unsqueeze(1), float("-inf"))
-        num_new = int((blocks.num_clusters - blocks.old_clusters).max())
+        num_new = blocks.max_new_clusters
         seed_idx = priority.topk(max(1, min(num_new, n_max)), dim=-1).indices  # [nb, H, s]
         seeds = points.gather(2, seed_idx.unsqueeze(-1).expand(-1, -1, -1, points.shape[-1]))
 
@@ -311,7 +318,7 @@ class ClusterIndex:
         assert self.level1 is not None and self.parent is not None
         cfg, h, fine, coarse = self.config, self.num_kv_heads, self.level0, self.level1
         nb = blocks.seq.shape[0]
-        k_max = int(blocks.num_clusters.max())
+        k_max = blocks.max_clusters
         slots = torch.arange(k_max, device=blocks.seq.device)
         in_block = slots < blocks.num_clusters.unsqueeze(1)
         ids = torch.where(
