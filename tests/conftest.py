@@ -16,6 +16,11 @@ def pytest_report_header(config) -> str:
     return f"multipole test seed: MULTIPOLE_TEST_SEED={SESSION_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    # -q hides the header: repeat the seed at the end so a failure can be replayed
+    terminalreporter.write_line(f"multipole test seed: MULTIPOLE_TEST_SEED={SESSION_SEED}")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if torch.cuda.is_available():
         return
