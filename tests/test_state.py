@@ -187,24 +187,26 @@ def test_non_contiguous_inputs_are_handled(gen):
 
 
 def test_equal_bytes_ordering_multipole_centroid_only_window(gen):
-    """On planted clusters at equal bytes read: multipole < centroid-only < window (error)."""
+    """On planted clusters at equal bytes read: multipole < centroid-only < window (error).
+
+    Mean over 3 planted contexts x 8 query groups: on a single context the far field's bias
+    can occasionally make multipole tie with centroid-only (1 context in 40 did)."""
     from multipole.baselines import METHODS, budget_for_read_fraction
 
-    planted = PlantedKV(num_kv_heads=2, head_dim=64, seed=_seed(gen))
-    k, v = planted.kv(2, 4096)
     base = MultipoleConfig(interval=64, block_size=1024)
-    errors = {}
-    for name in ("multipole", "centroid_only", "window"):
-        cfg = budget_for_read_fraction(
-            name, 0.15, seq_len=4096, head_dim=64, config=base, elem_size=4
-        )
-        state = METHODS[name].prefill(k, v, cfg)
-        errs = []
-        for _ in range(8):
-            q = planted.queries(2, 4)
-            errs.append(rel_err(state.attend(q), dense_attention(q, k, v)))
-        assert abs(state.stats().read_fraction - 0.15) < 0.03, (name, state.stats())
-        errors[name] = sum(errs) / len(errs)
+    errors = dict.fromkeys(("multipole", "centroid_only", "window"), 0.0)
+    for _ in range(3):
+        planted = PlantedKV(num_kv_heads=2, head_dim=64, seed=_seed(gen))
+        k, v = planted.kv(2, 4096)
+        queries = [planted.queries(2, 4) for _ in range(8)]
+        for name in errors:
+            cfg = budget_for_read_fraction(
+                name, 0.15, seq_len=4096, head_dim=64, config=base, elem_size=4
+            )
+            state = METHODS[name].prefill(k, v, cfg)
+            for q in queries:
+                errors[name] += rel_err(state.attend(q), dense_attention(q, k, v)) / 24
+            assert abs(state.stats().read_fraction - 0.15) < 0.03, (name, state.stats())
     assert errors["multipole"] < errors["centroid_only"] < errors["window"], errors
 
 
