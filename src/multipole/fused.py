@@ -53,6 +53,13 @@ class FusedLayout:
     live: torch.Tensor
     workspace: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def metadata_bytes(self, per_centroid: int) -> torch.Tensor:
+        """``[B, H_kv]`` bytes of centroid data a step reads (computed once per layout)."""
+        name = f"metadata_bytes_{per_centroid}"
+        if name not in self.workspace:
+            self.workspace[name] = self.live * per_centroid
+        return self.workspace[name]
+
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A scratch tensor kept across decode steps (allocated again only if shapes change)."""
         t = self.workspace.get(name)

@@ -477,8 +477,9 @@ class MultipoleState(DecodeState):
             tokens_exact=count,
             clusters_selected=selected,
             centroids_scored=layout.live,
-            metadata_bytes=layout.live
-            * _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), False),
+            metadata_bytes=layout.metadata_bytes(
+                _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), False)
+            ),
         )
         return out, lse, reads
 
