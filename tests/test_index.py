@@ -123,3 +123,20 @@ def test_attention_far_field_keys_are_member_means_of_attention_keys(gen):
     means, counts = cluster_means(k[0], labels, torch.ones(2, 400), att.shape[2])
     live = counts > 0
     torch.testing.assert_close(att[0][live], means[live], rtol=1e-5, atol=1e-5)
+
+
+def test_seeds_follow_the_global_kv_head(gen):
+    """Heads [2, 4) clustered alone with first_kv_head=2 (a tensor-parallel rank) give the
+    same clusters as in the full 4-head tensor."""
+    cfg = MultipoleConfig(interval=16, block_size=64, sink_tokens=2, token_budget=20)
+    keys, values = (
+        torch.randn(2, 4, 300, 8, generator=gen),
+        torch.randn(2, 4, 300, 8, generator=gen),
+    )
+    q = torch.randn(2, 8, 8, generator=gen)
+    full = MultipoleState.prefill(keys, values, cfg)
+    shard = MultipoleState.prefill(keys[:, 2:], values[:, 2:], cfg, first_kv_head=2)
+    assert torch.equal(shard.index.labels, full.index.labels[:, 2:])
+    torch.testing.assert_close(shard.attend(q[:, 4:]), full.attend(q)[:, 4:])
+    other = MultipoleState.prefill(keys[:, 2:], values[:, 2:], cfg)
+    assert not torch.equal(other.index.labels, full.index.labels[:, 2:])

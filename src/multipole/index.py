@@ -116,9 +116,11 @@ class ClusterIndex:
         token_capacity: int,
         device: torch.device,
         attention_keys: bool,
+        first_head: int = 0,
     ) -> None:
         self.config = config
         self.num_kv_heads = num_kv_heads
+        self.first_head = first_head  # global index of head 0: seeds are per global head
         self.head_dim = head_dim
         self.open_block_start = [0] * batch  # offset of the open block in the clustered region
         self.labels = torch.full(
@@ -245,7 +247,7 @@ class ClusterIndex:
         points = _gather_rows(cluster_keys, blocks.seq, positions)  # [nb, H, n, D]
 
         # Seeds for the clusters that are new in this fit: highest-priority new tokens.
-        heads = torch.arange(h, device=points.device).view(1, h, 1)
+        heads = self.first_head + torch.arange(h, device=points.device).view(1, h, 1)
         priority = hash_uniform(cfg.seed, heads, positions.unsqueeze(1))  # [nb, H, n]
         is_new = valid & (offsets >= blocks.new_from.unsqueeze(1))
         priority = priority.masked_fill(~is_new.unsqueeze(1), float("-inf"))
@@ -326,7 +328,7 @@ class ClusterIndex:
         )
         centroids = _gather_rows(fine.key_centroids, blocks.seq, ids)  # [nb, H, k, D]
         weights = _gather_rows(fine.sizes, blocks.seq, ids).float() * in_block.unsqueeze(1)
-        heads = torch.arange(h, device=ids.device).view(1, h, 1)
+        heads = self.first_head + torch.arange(h, device=ids.device).view(1, h, 1)
         priority = hash_uniform(cfg.seed ^ _COARSE_SALT, heads, ids.unsqueeze(1))
         result = kmeans(
             centroids.flatten(0, 1),

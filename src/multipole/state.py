@@ -86,8 +86,10 @@ class DecodeState:
         config: MultipoleConfig,
         cluster_keys: torch.Tensor | None,
         seq_lens: list[int],
+        first_kv_head: int = 0,
     ) -> None:
         self.config = config
+        self.first_kv_head = first_kv_head
         self._keys = keys
         self._values = values
         self._cluster_keys = cluster_keys
@@ -108,6 +110,7 @@ class DecodeState:
         *,
         cluster_keys: torch.Tensor | None = None,
         lengths: torch.Tensor | list[int] | None = None,
+        first_kv_head: int = 0,
     ):
         """Build the state from the prompt's keys and values.
 
@@ -117,6 +120,9 @@ class DecodeState:
             cluster_keys: ``[B, H_kv, N, D]`` keys used only for clustering (e.g. keys before
                 RoPE); default: ``keys``.
             lengths: ``[B]`` valid lengths in ``[1, N]`` (right padding); default: all ``N``.
+            first_kv_head: global index of the first KV head of ``keys``: with tensor
+                parallelism each rank holds a slice of the heads, and k-means seeds are drawn
+                per global head, so results do not depend on the number of ranks.
         """
         config = MultipoleConfig() if config is None else config
         if not isinstance(config, MultipoleConfig):
@@ -140,8 +146,16 @@ class DecodeState:
             for name, t in (("keys", keys), ("values", values), ("cluster_keys", cluster_keys)):
                 if t is not None:
                     checks.check_finite(name, t, seq_lens)
+        if (
+            isinstance(first_kv_head, bool)
+            or not isinstance(first_kv_head, int)
+            or first_kv_head < 0
+        ):
+            raise ValueError(f"first_kv_head: expected an int >= 0, got {first_kv_head!r}")
         seq_lens = seq_lens.tolist()
-        return cls(_clone(keys), _clone(values), config, _clone(cluster_keys), seq_lens)
+        return cls(
+            _clone(keys), _clone(values), config, _clone(cluster_keys), seq_lens, first_kv_head
+        )
 
     @classmethod
     def fixed_bytes_per_head(
@@ -369,8 +383,8 @@ class MultipoleState(DecodeState):
         torch.Size([2, 8, 64])
     """
 
-    def __init__(self, keys, values, config, cluster_keys, seq_lens) -> None:
-        super().__init__(keys, values, config, cluster_keys, seq_lens)
+    def __init__(self, keys, values, config, cluster_keys, seq_lens, first_kv_head=0) -> None:
+        super().__init__(keys, values, config, cluster_keys, seq_lens, first_kv_head)
         separate_attention_keys = config.far_field_keys == "attention" and cluster_keys is not None
         self.index = ClusterIndex(
             config,
@@ -380,6 +394,7 @@ class MultipoleState(DecodeState):
             self._keys.shape[2],
             self.device,
             separate_attention_keys,
+            first_kv_head,
         )
         self.index.prefill(*self._index_inputs(), self.clustered_len)
         self._fused: FusedLayout | None = None  # rebuilt after prefill and each update

@@ -25,9 +25,10 @@ class CentroidOnlyState(MultipoleState):
         config: MultipoleConfig,
         cluster_keys: torch.Tensor | None,
         seq_lens: list[int],
+        first_kv_head: int = 0,
     ) -> None:
         config = dataclasses.replace(config, replacement=False)
-        super().__init__(keys, values, config, cluster_keys, seq_lens)
+        super().__init__(keys, values, config, cluster_keys, seq_lens, first_kv_head)
 
     @classmethod
     def fixed_bytes_per_head(
