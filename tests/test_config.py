@@ -253,6 +253,12 @@ INVALID = [
         id="replacement_str",
     ),
     pytest.param(
+        {"position_free_keys": 1},
+        TypeError,
+        ("MultipoleConfig.position_free_keys", "expected a bool", "got 1"),
+        id="position_free_keys_int",
+    ),
+    pytest.param(
         {"far_field_keys": "keys"},
         ValueError,
         ("MultipoleConfig.far_field_keys", "'clustering' or 'attention'", "got 'keys'"),

@@ -10,6 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import multipole  # noqa: E402
+import multipole.baselines  # noqa: E402
+import multipole.hf  # noqa: E402
 from multipole import MultipoleConfig  # noqa: E402
 
 SMALL = MultipoleConfig(interval=32, block_size=128, sink_tokens=4, token_budget=48)
@@ -22,7 +24,7 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int):
+def tiny_model(family: str, seed: int, **overrides):
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
         vocab_size=128,
@@ -33,6 +35,7 @@ def tiny_model(family: str, seed: int):
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=4096,
+        **overrides,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -153,3 +156,81 @@ def test_fused_kernels_inside_generate_on_cuda(gen, family):
     small = generate(model, ids, multipole.MultipoleCache(SMALL), **kwargs)
     err = float((small.logits[1] - dense.logits[1]).norm() / dense.logits[1].norm())
     assert err < 0.2
+
+
+POSITION_FREE = dataclasses.replace(SMALL, position_free_keys=True, lookup_position=64)
+
+
+@pytest.mark.parametrize(
+    "rope", [{"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0}], ids=str
+)
+def test_rotary_moves_vectors_between_positions_like_the_models_own_rope(gen, rope):
+    model = tiny_model("llama", 0, rope_parameters={"rope_theta": 500.0, **rope})
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 3, 5, 16, generator=gen, dtype=torch.float64).float()
+    positions = torch.randint(0, 4000, (2, 5), generator=gen)
+
+    def rope_at(p):  # the model's own rotation of x at positions p [2, 5]
+        cos, sin = model.model.rotary_emb(x, p)
+        return transformers.models.llama.modeling_llama.apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    # the model computes its angles in float32: ~4000 * 6e-8 rad off at these positions
+    rotary = multipole.hf.Rotary.of(attention, 16, x.device)
+    torch.testing.assert_close(rotary.rotate(rope_at(positions), -positions), x, atol=1e-3, rtol=0)
+    moved = rotary.rotate(rope_at(positions), torch.full((1, 1), 77))
+    torch.testing.assert_close(moved, rope_at(positions + 77), atol=1e-3, rtol=0)
+
+
+def test_position_free_keys_are_the_keys_before_rope_through_updates(gen):
+    """Keys before RoPE come from a hook on k_proj; the state's clustering keys must equal
+    them for every token, prompt and generated (so positions are right across updates), and
+    the lookup query must be the query before RoPE rotated to lookup_position."""
+    model = tiny_model("llama", int(torch.randint(1000, (1,), generator=gen)))
+    ids = torch.randint(1, 128, (1, 150), generator=gen)
+    attention = model.model.layers[1].self_attn
+    pre_rope_keys, pre_rope_queries, lookup_queries = [], [], []
+    attention.k_proj.register_forward_hook(lambda m, i, o: pre_rope_keys.append(o))
+    attention.q_proj.register_forward_hook(lambda m, i, o: pre_rope_queries.append(o))
+    cache = multipole.MultipoleCache(POSITION_FREE)
+    generate(model, ids, cache, max_new_tokens=90)  # 150 + 90 tokens: online updates at 32
+    state = cache.layers[1].state
+    original_attend = state.attend
+    state.attend = lambda q, **kw: lookup_queries.append(kw["lookup_q"]) or original_attend(q, **kw)
+
+    keys = torch.cat(pre_rope_keys, dim=1).view(1, -1, 2, 16).transpose(1, 2)  # [1, 2, N, 16]
+    n = state.seq_lens[0]
+    torch.testing.assert_close(state.cluster_keys[:, :, :n], keys[:, :, :n], atol=1e-4, rtol=0)
+    assert state.clustered_len[0] > 150 - 2 * 32  # updates ran on generated tokens
+
+    # one more step: its lookup query is RoPE(query before RoPE, lookup_position)
+    step = torch.randint(1, 128, (1, 1), generator=gen)
+    with torch.no_grad():
+        model(step, past_key_values=cache, position_ids=torch.tensor([[n]]))
+    q = pre_rope_queries[-1].view(1, 1, 4, 16).transpose(1, 2)  # [1, 4, 1, 16]
+    cos, sin = model.model.rotary_emb(q, torch.tensor([[POSITION_FREE.lookup_position]]))
+    expected = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)[0]
+    torch.testing.assert_close(lookup_queries[-1], expected[:, :, 0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_position_free_full_budget_generates_exactly_what_stock_does(gen, family):
+    model = tiny_model(family, int(torch.randint(1000, (1,), generator=gen)))
+    ids = torch.randint(1, 128, (2, 260), generator=gen)
+    cfg = dataclasses.replace(POSITION_FREE, token_budget=10**9)
+    ours = generate(model, ids, multipole.MultipoleCache(cfg), max_new_tokens=40)
+    assert torch.equal(ours, generate(model, ids, max_new_tokens=40))
+
+
+@pytest.mark.parametrize("method", ["quest", "oracle_topk", "centroid_only", "window", "dense"])
+def test_every_method_runs_through_the_cache(gen, method):
+    """A budget covering the middle region makes every method exact; dense always is."""
+    model = tiny_model("qwen2", int(torch.randint(1000, (1,), generator=gen)))
+    ids = torch.randint(1, 128, (1, 300), generator=gen)
+    cache = multipole.MultipoleCache(FULL, method=method)
+    ours = generate(model, ids, cache, max_new_tokens=20)
+    expected = generate(model, ids, max_new_tokens=20)
+    assert isinstance(cache.layers[0].state, multipole.baselines.METHODS[method])
+    if method != "window":  # the window never reads the middle region
+        assert torch.equal(ours, expected)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        multipole.MultipoleCache(SMALL, method="topk")

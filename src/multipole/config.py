@@ -62,8 +62,14 @@ class MultipoleConfig:
             the clustering-key centroids with the lookup query (the paper's code);
             ``"attention"`` uses the means of the attention keys with the attention query.
             The two coincide when the clustering keys are the attention keys.
-        lookup_position: fixed RoPE position at which lookup queries are rotated when keys
-            are clustered position-free (used by model integrations).
+        position_free_keys: for model integrations (``multipole.hf``): cluster the keys
+            before RoPE and score centroids with the query rotated at ``lookup_position``, as
+            the paper's code does; False (default) clusters the cached RoPE'd keys and scores
+            with the real query. Costs one extra copy of the keys (the pre-RoPE keys are
+            kept for the online update).
+        lookup_position: fixed RoPE position at which lookup queries are rotated when
+            ``position_free_keys`` is set: every cluster is scored as if its keys sat
+            ``lookup_position`` tokens before the query.
         seed: seed of k-means initialisation; seeds are drawn from (seed, KV head, position),
             so a sequence is seeded the same alone or in any batch.
         validate: check inputs for NaN/inf; None checks CPU tensors only (a CUDA check syncs).
@@ -85,6 +91,7 @@ class MultipoleConfig:
     coarse_budget: int | float = 0.25
     replacement: bool = True
     far_field_keys: FarFieldKeys = "clustering"
+    position_free_keys: bool = False
     lookup_position: int = 2048
     seed: int = 0
     validate: bool | None = None
@@ -123,10 +130,11 @@ class MultipoleConfig:
             )
         if self.levels not in (1, 2):
             _fail("levels", "1 or 2", self.levels)
-        if not isinstance(self.replacement, bool):
-            raise TypeError(
-                f"MultipoleConfig.replacement: expected a bool, got {self.replacement!r}"
-            )
+        for field in ("replacement", "position_free_keys"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(
+                    f"MultipoleConfig.{field}: expected a bool, got {getattr(self, field)!r}"
+                )
         if self.far_field_keys not in ("clustering", "attention"):
             _fail("far_field_keys", "'clustering' or 'attention'", self.far_field_keys)
         if self.backend not in ("auto", "reference", "triton"):

@@ -10,9 +10,19 @@ than one token) is exact SDPA. At the first one-token decode step of a layer, th
 values of every sequence (left padding removed) become a :class:`~multipole.MultipoleState`,
 which then answers every decode step and absorbs new tokens with its online update.
 
-This first version clusters the cached (RoPE'd) keys; the design notes found that best at
-contexts of a few thousand tokens, and position-free clustering keys come with the model
-integrations that need them. Beam search, a second prompt after decoding (multi-turn reuse,
+Which keys are clustered (``MultipoleConfig.position_free_keys``):
+
+- False (default): the cached, RoPE'd keys, scored with the real query. No extra memory.
+- True: position-free keys, as in the paper's code. transformers hands the attention function
+  RoPE'd keys only, so each key is un-rotated once, when it enters the state (by its position,
+  with the angles of the model's own RoPE parameters), and kept beside the cache: one more copy
+  of the keys (+50% of the KV memory). The lookup query is the real query rotated from its
+  position to ``lookup_position``, which costs one small rotation per step.
+
+``method`` picks the decode state of every layer (``multipole.baselines.METHODS``), so every
+baseline runs through the same cache. With tensor parallelism (transformers ``tp_plan``) each
+rank sees its own KV heads; k-means is seeded per global KV head, so results do not depend on
+the number of ranks. Beam search, a second prompt after decoding (multi-turn reuse,
 speculative verification) and ``output_attentions`` are not supported and raise.
 """
 
@@ -26,9 +36,11 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .baselines import METHODS
 from .config import MultipoleConfig
-from .state import MultipoleState
+from .state import DecodeState
 
 ATTENTION_NAME = "multipole"
 
@@ -40,12 +52,14 @@ _ACTIVE_CACHE: contextvars.ContextVar[MultipoleCache | None] = contextvars.Conte
 
 
 class MultipoleLayer(DynamicLayer):
-    """One layer's cache: dense keys and values during the prompt, a MultipoleState after."""
+    """One layer's cache: dense keys and values during the prompt, a decode state after."""
 
-    def __init__(self, config: MultipoleConfig) -> None:
+    def __init__(self, config: MultipoleConfig, method: str = "multipole") -> None:
         super().__init__()
         self.config = config
-        self.state: MultipoleState | None = None
+        self.method = method
+        self.state: DecodeState | None = None
+        self.rotary: Rotary | None = None  # set when keys are clustered position-free
         self._length = 0  # padded length, as transformers counts positions
         self._attended = True  # the attention function consumed the last decode update
 
@@ -67,24 +81,50 @@ class MultipoleLayer(DynamicLayer):
         self._length += new_tokens
         if self.state is None:
             return super().update(key_states, value_states, *args, **kwargs)
-        self.state.append(key_states, value_states)
+        cluster_keys = None
+        if self.rotary is not None:  # the new token sits at position seq_len of its sequence
+            cluster_keys = self.rotary.rotate(key_states, -self.state._seq_lens_device[:, None])
+        self.state.append(key_states, value_states, cluster_keys=cluster_keys)
         return key_states, value_states
 
     def get_seq_length(self) -> int:
         return self._length
 
-    def build_state(self, attention_mask: torch.Tensor | None) -> None:
-        """Turn the dense prompt cache into a MultipoleState (left padding removed)."""
+    def build_state(self, attention_mask: torch.Tensor | None, module: torch.nn.Module) -> None:
+        """Turn the dense prompt cache into a decode state (left padding removed).
+
+        Token ``j`` of a sequence then sits at position ``j``: ``generate`` numbers the
+        positions of a left-padded row from its first real token.
+        """
         keys, values = self.keys, self.values
-        b, _, n, _ = keys.shape
+        b, h, n, d = keys.shape
         if attention_mask is None:
             lengths = torch.full((b,), n, dtype=torch.int64, device=keys.device)
         else:
             valid = attention_mask[:, 0, -1, -n:]  # [B, N]: the last query row sees every key
             lengths = valid.sum(-1)
             keys, values = _left_to_right(keys, lengths), _left_to_right(values, lengths)
-        self.state = MultipoleState.prefill(keys, values, self.config, lengths=lengths)
+        cluster_keys = None
+        if self.config.position_free_keys:
+            self.rotary = Rotary.of(module, d, keys.device)
+            cluster_keys = self.rotary.rotate(keys, -torch.arange(n, device=keys.device)[None])
+        self.state = METHODS[self.method].prefill(
+            keys,
+            values,
+            self.config,
+            cluster_keys=cluster_keys,
+            lengths=lengths,
+            first_kv_head=_first_kv_head(module, h),
+        )
         self.keys = self.values = None  # the state holds them now
+
+    def lookup_query(self, query: torch.Tensor) -> torch.Tensor | None:
+        """``query [B, Hq, D]`` of the newest token rotated to ``lookup_position``; None when
+        keys are clustered as cached (the query itself then scores the centroids)."""
+        if self.rotary is None:
+            return None
+        delta = self.config.lookup_position + 1 - self.state._seq_lens_device
+        return self.rotary.rotate(query.unsqueeze(2), delta[:, None])[:, :, 0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("MultipoleCache: beam search is not supported")
@@ -111,10 +151,21 @@ class MultipoleCache(Cache):
 
     Args:
         config: one :class:`MultipoleConfig` for every layer, or a list with one per layer
-            (``None`` in the list keeps that layer dense).
+            (``None`` in the list keeps that layer dense: stock transformers attention).
+        method: the decode method of every layer, a key of ``multipole.baselines.METHODS``
+            (``"multipole"``, ``"centroid_only"``, ``"quest"``, ``"oracle_topk"``,
+            ``"window"``, ``"dense"``), so baselines run through the same cache.
     """
 
-    def __init__(self, config: MultipoleConfig | list[MultipoleConfig | None] | None = None):
+    def __init__(
+        self,
+        config: MultipoleConfig | list[MultipoleConfig | None] | None = None,
+        *,
+        method: str = "multipole",
+    ):
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        self.method = method
         config = MultipoleConfig() if config is None else config
         self.layer_configs = config if isinstance(config, list) else None
         if isinstance(config, list):
@@ -123,14 +174,16 @@ class MultipoleCache(Cache):
                     raise TypeError(f"config[{i}]: expected a MultipoleConfig or None, got {c!r}")
         elif not isinstance(config, MultipoleConfig):
             raise TypeError(f"config: expected a MultipoleConfig, got {type(config).__name__}")
-        super().__init__(layer_class_to_replicate=functools.partial(MultipoleLayer, config))
+        super().__init__(layer_class_to_replicate=functools.partial(MultipoleLayer, config, method))
         self.config = config
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             index = len(self.layers)
             cfg = self.config if self.layer_configs is None else self._layer_config(index)
-            self.layers.append(MultipoleLayer(cfg) if cfg is not None else DynamicLayer())
+            self.layers.append(
+                MultipoleLayer(cfg, self.method) if cfg is not None else DynamicLayer()
+            )
         _ACTIVE_CACHE.set(self)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
@@ -170,10 +223,70 @@ def multipole_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if layer.state is None:
-        layer.build_state(attention_mask)
+        layer.build_state(attention_mask, module)
     layer._attended = True
-    out = layer.state.attend(query[:, :, 0, :], scale=scaling)  # [B, Hq, D]
+    q = query[:, :, 0, :]  # [B, Hq, D]
+    out = layer.state.attend(q, lookup_q=layer.lookup_query(q), scale=scaling)
     return out.unsqueeze(1), None
+
+
+class Rotary:
+    """Rotations by the model's RoPE angles (transformers' rotate-half layout), to move a
+    RoPE'd vector from one position to another: ``rotate(x, delta)`` turns ``RoPE(x~, t)``
+    into ``RoPE(x~, t + delta)``, and ``delta = -t`` gives the position-free ``x~``."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        self.inv_freq = inv_freq.double()  # [D / 2]; float64 angles stay exact at 1M tokens
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, head_dim: int, device: torch.device) -> Rotary:
+        """The RoPE frequencies of ``module.config`` (default, linear, llama3, yarn, ...)."""
+        config = module.config
+        params = getattr(config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        partial = params.get("partial_rotary_factor", 1.0)
+        if partial != 1.0 or rope_type in ("dynamic", "longrope"):
+            raise NotImplementedError(
+                f"MultipoleConfig.position_free_keys: RoPE of type {rope_type!r} with "
+                f"partial_rotary_factor={partial} is not supported (position-dependent or "
+                "partial rotations); use position_free_keys=False"
+            )
+        if rope_type == "default":
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
+            inv_freq = 1.0 / params["rope_theta"] ** (exponents / head_dim)
+        else:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device)
+        if inv_freq.numel() * 2 != head_dim:
+            raise NotImplementedError(
+                f"MultipoleConfig.position_free_keys: RoPE over {2 * inv_freq.numel()} of "
+                f"{head_dim} head dims is not supported; use position_free_keys=False"
+            )
+        return cls(inv_freq.to(device))
+
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``x [B, H, T, D]`` rotated by ``delta [B or 1, T or 1]`` positions."""
+        angles = delta.double()[:, None, :, None] * self.inv_freq  # [B|1, 1, T|1, D/2]
+        cos = angles.cos().float().repeat(1, 1, 1, 2)
+        sin = angles.sin().float().repeat(1, 1, 1, 2)
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def _first_kv_head(module: torch.nn.Module, local_kv_heads: int) -> int:
+    """Global index of this rank's first KV head under tensor parallelism (0 otherwise)."""
+    total = getattr(module.config, "num_key_value_heads", None) or local_kv_heads
+    if total == local_kv_heads:
+        return 0
+    if total % local_kv_heads or not torch.distributed.is_initialized():
+        raise ValueError(
+            f"multipole attention: the layer holds {local_kv_heads} of the model's {total} KV "
+            "heads; tensor parallelism needs num_key_value_heads divisible by the TP size and "
+            "torch.distributed initialised"
+        )
+    ranks = total // local_kv_heads
+    return (torch.distributed.get_rank() % ranks) * local_kv_heads
 
 
 def _left_to_right(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
