@@ -317,3 +317,38 @@ def test_budget_for_read_fraction_errors() -> None:
         budget_for_read_fraction("multipole", 0.01, **kwargs)
     with pytest.raises(ValueError, match="read_fraction"):
         budget_for_read_fraction("window", float("nan"), **kwargs)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_exact_tokens_are_what_the_reads_count(gen, method):
+    """exact_tokens() is the mask behind tokens_exact: always the sink and the recent window,
+    at most the budget's worth of the middle (exactly that for oracle and window, all of it for
+    dense), nothing past a sequence's end."""
+    cfg = dataclasses.replace(CFG, token_budget=40, backend="reference")
+    keys, values = random_kv(gen, 2, 2, 500, 16)
+    lengths = torch.tensor([500, 333])
+    state = METHODS[method].prefill(keys, values, cfg, lengths=lengths)
+    state.attend(torch.randn(2, 4, 16, generator=gen))
+    mask = state.exact_tokens()
+    assert mask.shape == (2, 2, 500)
+    assert torch.equal(mask.sum(-1), state._reads.tokens_exact.expand(2, 2))
+    for b, n in enumerate(lengths.tolist()):
+        middle = middle_len(n, cfg)
+        assert (
+            mask[b, :, : cfg.sink_tokens].all() and mask[b, :, cfg.sink_tokens + middle : n].all()
+        )
+        assert not mask[b, :, n:].any()
+        in_middle = mask[b, :, cfg.sink_tokens : cfg.sink_tokens + middle].sum(-1)
+        expected_max = middle if method == "dense" else 40
+        assert (in_middle <= expected_max).all()
+        if method in ("dense", "oracle_topk", "window"):
+            assert (in_middle == expected_max).all()
+        if method == "window":  # the last 40 middle tokens
+            assert mask[b, :, cfg.sink_tokens + middle - 40 : n].all()
+
+
+def test_exact_tokens_needs_the_reference_path(gen):
+    keys, values = random_kv(gen, 1, 2, 300, 16)
+    state = MultipoleState.prefill(keys, values, CFG)
+    with pytest.raises(RuntimeError, match="previous attend"):
+        state.exact_tokens()

@@ -50,12 +50,15 @@ class AttendStats:
 
 @dataclass
 class Reads:
-    """Per (sequence, KV head) counts of one attend: ``[B, H_kv]`` tensors (no host sync)."""
+    """Per (sequence, KV head) counts of one attend: ``[B, H_kv]`` tensors (no host sync), and
+    the exactly attended tokens ``[B, 1 or H_kv, N]`` where the implementation forms them (the
+    PyTorch paths; the fused kernels never materialise a mask)."""
 
     tokens_exact: torch.Tensor
     clusters_selected: torch.Tensor
     centroids_scored: torch.Tensor
     metadata_bytes: torch.Tensor
+    token_mask: torch.Tensor | None = None
 
 
 def initial_clustered_len(seq_len: int, config: MultipoleConfig) -> int:
@@ -346,6 +349,17 @@ class DecodeState:
             self._device_cache[key] = tensor
         return tensor
 
+    def exact_tokens(self) -> torch.Tensor:
+        """``[B, H_kv, N]`` bool: the tokens the last ``attend`` read exactly (for evaluation:
+        attention mass captured). Available from the PyTorch paths (``backend="reference"``)."""
+        if self._reads is None or self._reads.token_mask is None:
+            raise RuntimeError(
+                "exact_tokens: needs a previous attend() on the PyTorch path "
+                "(config.backend='reference'); the fused kernels do not form a token mask"
+            )
+        mask = self._reads.token_mask
+        return mask.expand(self.batch_size, self.num_kv_heads, mask.shape[-1])
+
     def stats(self) -> AttendStats:
         """What the last :meth:`attend` read (syncs with the device)."""
         if self._reads is None:
@@ -559,6 +573,7 @@ class MultipoleState(DecodeState):
             clusters_selected=selected.sum(-1),
             centroids_scored=scored,
             metadata_bytes=scored * centroid_bytes,
+            token_mask=token_mask,
         )
         return out, lse, reads
 

@@ -15,7 +15,11 @@ def exact_reads(token_mask: torch.Tensor, batch: int, num_kv_heads: int) -> Read
     tokens = token_mask.sum(-1).expand(batch, num_kv_heads)
     zeros = torch.zeros_like(tokens)
     return Reads(
-        tokens_exact=tokens, clusters_selected=zeros, centroids_scored=zeros, metadata_bytes=zeros
+        tokens_exact=tokens,
+        clusters_selected=zeros,
+        centroids_scored=zeros,
+        metadata_bytes=zeros,
+        token_mask=token_mask,
     )
 
 

@@ -89,5 +89,6 @@ class QuestState(DecodeState):
             clusters_selected=selected.sum(-1),
             centroids_scored=scored,
             metadata_bytes=scored * 2 * d * self._keys.element_size(),
+            token_mask=token_mask,
         )
         return out, lse, reads
