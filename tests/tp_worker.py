@@ -27,7 +27,9 @@ def main(out: str, model_dirs: list[str]) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir,
             attn_implementation="multipole",
-            distributed_config=transformers.DistributedConfig(tp_size=int(os.environ["WORLD_SIZE"])),
+            distributed_config=transformers.DistributedConfig(
+                tp_size=int(os.environ["WORLD_SIZE"])
+            ),
         )
         for name, config in CONFIGS.items():
             with torch.no_grad():
