@@ -20,7 +20,7 @@ from multipole.baselines import (
     WindowState,
     budget_for_read_fraction,
 )
-from multipole.baselines.quest import PAGE_SIZE, page_bounds
+from multipole.baselines.quest import page_bounds, page_size
 
 CFG = MultipoleConfig(interval=32, block_size=256, sink_tokens=4)
 
@@ -171,8 +171,8 @@ def test_quest_bound_is_upper_bound(gen: torch.Generator) -> None:
     b, h, g, d, pages = 2, 3, 4, 32, 10
     q = torch.randn(b, h, g, d, dtype=torch.float64, generator=gen)
     spread = 3 * torch.rand(d, dtype=torch.float64, generator=gen)
-    keys = torch.randn(b, h, pages * PAGE_SIZE, d, dtype=torch.float64, generator=gen) * spread
-    paged = keys.view(b, h, pages, PAGE_SIZE, d)
+    keys = torch.randn(b, h, pages * 16, d, dtype=torch.float64, generator=gen) * spread
+    paged = keys.view(b, h, pages, 16, d)
     bound = page_bounds(q, paged.amin(3), paged.amax(3))
     true_max = torch.einsum("bhgd,bhpkd->bhgpk", q, paged).amax(-1)
     assert (true_max <= bound + 1e-9).all()
@@ -190,7 +190,8 @@ def quest_reference_mask(
     mask = exact_region_mask(lengths, n, h, config).clone()
     for bi, length in enumerate(lengths):
         start, stop = config.sink_tokens, config.sink_tokens + middle_len(length, config)
-        pages = [(p, min(p + PAGE_SIZE, stop)) for p in range(start, stop, PAGE_SIZE)]
+        size = page_size(config)
+        pages = [(p, min(p + size, stop)) for p in range(start, stop, size)]
         for hi in range(h):
             scores = []
             for lo, hi_pos in pages:
@@ -208,10 +209,12 @@ def quest_reference_mask(
     return mask
 
 
-@pytest.mark.parametrize("pages", [1, 3, 8])
-def test_quest_matches_paged_selection(pages: int, gen: torch.Generator) -> None:
+@pytest.mark.parametrize("pages,ratio", [(1, 1 / 16), (3, 1 / 16), (8, 1 / 16), (2, 1 / 40)])
+def test_quest_matches_paged_selection(pages: int, ratio: float, gen: torch.Generator) -> None:
     # interval 24: middles of 504 (the longest, ending in a half page) and 192 tokens.
-    config = MultipoleConfig(interval=24, block_size=240, sink_tokens=4, token_budget=16 * pages)
+    config = MultipoleConfig(
+        interval=24, block_size=240, sink_tokens=4, token_budget=16 * pages, centroid_ratio=ratio
+    )
     lengths, h, hq, d = [555, 230], 2, 8, 32
     keys, values = random_kv(gen, len(lengths), h, max(lengths), d)
     state = QuestState.prefill(keys, values, config, lengths=lengths)
@@ -225,7 +228,7 @@ def test_quest_matches_paged_selection(pages: int, gen: torch.Generator) -> None
     assert (middle_tokens <= 16 * pages).all()
     stats = state.stats()
     assert stats.tokens_exact == pytest.approx(float(mask.sum(-1).float().mean()))
-    num_pages = [math.ceil(middle_len(n, config) / PAGE_SIZE) for n in lengths]
+    num_pages = [math.ceil(middle_len(n, config) / page_size(config)) for n in lengths]
     assert stats.centroids_scored == pytest.approx(sum(num_pages) / len(lengths))
 
 

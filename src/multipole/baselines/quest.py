@@ -13,7 +13,12 @@ from ..ops.decode.reference import compute_dtype
 from ..ops.lookup import select_by_budget
 from ..state import DecodeState, Reads, initial_clustered_len
 
-PAGE_SIZE = 16
+
+def page_size(config: MultipoleConfig) -> int:
+    """Tokens per Quest page: ``1 / centroid_ratio`` (16 by default), so Quest keeps one
+    summary per as many tokens as Multipole keeps one cluster, and both spend the same
+    metadata bytes."""
+    return max(1, round(1 / config.centroid_ratio))
 
 
 def page_bounds(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
@@ -33,7 +38,8 @@ def page_bounds(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor)
 
 
 class QuestState(DecodeState):
-    """Quest: the middle region in pages of 16 tokens, the pages of highest bound read exactly.
+    """Quest: the middle region in pages of :func:`page_size` tokens (16 at the default
+    ``centroid_ratio``), the pages of highest bound read exactly.
 
     Pages start at the first middle token (the last page may be partial). Each page is
     summarised by the elementwise min and max of its keys per KV head; this reference
@@ -49,7 +55,7 @@ class QuestState(DecodeState):
     ) -> float:
         """Bytes per KV head read whatever the budget: sink, recent window, and the min and
         max key of every page."""
-        pages = math.ceil(initial_clustered_len(seq_len, config) / PAGE_SIZE)
+        pages = math.ceil(initial_clustered_len(seq_len, config) / page_size(config))
         page_bytes = 2 * head_dim * elem_size
         return (
             super().fixed_bytes_per_head(config, seq_len, head_dim, elem_size) + pages * page_bytes
@@ -61,17 +67,18 @@ class QuestState(DecodeState):
         exact, middle, clustered = self._regions()
         b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
         n = exact.shape[-1]
-        num_pages = max(1, math.ceil(max(self.clustered_len) / PAGE_SIZE))
+        size = page_size(self.config)
+        num_pages = max(1, math.ceil(max(self.clustered_len) / size))
         # Page of every token; tokens outside the middle go to an extra page that is dropped.
-        page = torch.where(middle, (middle.cumsum(-1) - 1) // PAGE_SIZE, num_pages)  # [B, 1, N]
+        page = torch.where(middle, (middle.cumsum(-1) - 1) // size, num_pages)  # [B, 1, N]
         index = page.unsqueeze(-1).expand(b, h, n, d)
         keys = self.keys.to(compute_dtype(self.dtype))
         shape = (b, h, num_pages + 1, d)
         page_min = keys.new_full(shape, float("inf")).scatter_reduce(2, index, keys, "amin")
         page_max = keys.new_full(shape, float("-inf")).scatter_reduce(2, index, keys, "amax")
 
-        first = PAGE_SIZE * torch.arange(num_pages, device=self.device)
-        sizes = (clustered.unsqueeze(1) - first).clamp(0, PAGE_SIZE).unsqueeze(1).expand(b, h, -1)
+        first = size * torch.arange(num_pages, device=self.device)
+        sizes = (clustered.unsqueeze(1) - first).clamp(0, size).unsqueeze(1).expand(b, h, -1)
         live = sizes > 0
         # Empty pages hold +-inf summaries: zero them so the (masked) bound stays finite.
         page_min = torch.where(live.unsqueeze(-1), page_min[:, :, :num_pages], 0.0)
