@@ -233,3 +233,17 @@ def test_every_method_runs_through_the_cache(gen, method):
     assert torch.equal(ours, expected)
     with pytest.raises(ValueError, match="method: expected one of"):
         multipole.MultipoleCache(SMALL, method="topk")
+
+
+def test_a_stock_cache_after_a_multipole_run_gets_stock_attention(gen):
+    """The 'multipole' attention function must not pick up the last MultipoleCache when a
+    later call runs with another cache (or none)."""
+    model = tiny_model("llama", int(torch.randint(1000, (1,), generator=gen)))
+    ids = torch.randint(1, 128, (1, 300), generator=gen)
+    other = torch.randint(1, 128, (1, 200), generator=gen)
+    generate(model, other, multipole.MultipoleCache(SMALL), max_new_tokens=5)
+    with torch.no_grad():  # still attn_implementation="multipole", with a DynamicCache
+        after = model.generate(
+            ids, past_key_values=transformers.DynamicCache(), max_new_tokens=20, do_sample=False
+        )
+    assert torch.equal(after, generate(model, ids, max_new_tokens=20))

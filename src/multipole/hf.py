@@ -214,6 +214,7 @@ def multipole_attention_forward(
     if kwargs.get("output_attentions"):
         raise NotImplementedError("multipole attention: output_attentions=True is not supported")
     cache = _ACTIVE_CACHE.get()
+    _ACTIVE_CACHE.set(None)  # read once: a later call through another cache must not see it
     layer = None
     if cache is not None and getattr(module, "layer_idx", None) is not None:
         candidate = cache.layers[module.layer_idx]
