@@ -8,7 +8,7 @@ $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,gpu,hf]"
+	$(BIN)/python -m pip install -q -e ".[dev,gpu,hf,models]"
 	touch $@
 
 .PHONY: demo test

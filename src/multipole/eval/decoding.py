@@ -1,0 +1,143 @@
+"""Decoding through every method from one dense prefill: teacher-forced and generation.
+
+A *run* is a label, a method (a key of ``multipole.baselines.METHODS``, or ``None`` for stock
+transformers attention with a ``DynamicCache``) and a config. The prompt is prefilled once,
+densely (every method's prefill is dense); each run starts from a copy of that prefill, so
+methods differ only in how they decode.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..config import MultipoleConfig
+from ..hf import MultipoleCache
+
+
+@dataclass(frozen=True)
+class Run:
+    """One way to decode: ``method=None`` is stock dense attention (the reference)."""
+
+    label: str
+    method: str | None
+    config: MultipoleConfig | None = None
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor) -> DynamicCache:
+    """Dense prompt pass (SDPA) over ``input_ids [B, N]``; returns its cache."""
+    cache = DynamicCache()
+    model(input_ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def start_cache(prompt_cache: DynamicCache, run: Run):
+    """A cache for ``run`` that holds the prompt (the prompt's tensors are not modified)."""
+    if run.method is None:
+        return copy.deepcopy(prompt_cache)
+    cache = MultipoleCache(run.config, method=run.method)
+    for index, layer in enumerate(prompt_cache.layers):
+        cache.update(layer.keys, layer.values, index)
+    return cache
+
+
+@dataclass
+class TeacherForced:
+    """Per decoded position ``[W, T]`` (float32, CPU): the negative log-likelihood of the next
+    token, KL(dense || run) of the next-token distributions, and the read fraction per step."""
+
+    nll: torch.Tensor
+    kl: torch.Tensor
+    read_fraction: list[float]
+
+
+@torch.no_grad()
+def teacher_forced(
+    model, input_ids: torch.Tensor, prefix: int, runs: list[Run], progress=None
+) -> dict[str, TeacherForced]:
+    """Prefill ``input_ids[:, :prefix]`` densely, then feed tokens ``prefix .. N-2`` one at a
+    time through every run in lockstep (online updates included), each predicting the next.
+
+    The reference for the KL is stock dense decoding (``Run(label, None)``, added if absent),
+    stepped alongside, so nothing of size ``N x vocab`` is stored.
+    """
+    _use_multipole_attention(model)
+    if not any(run.method is None for run in runs):
+        runs = [Run("dense", None), *runs]
+    reference = next(run.label for run in runs if run.method is None)
+    prompt_cache = prefill(model, input_ids[:, :prefix])
+    caches = {run.label: start_cache(prompt_cache, run) for run in runs}
+    del prompt_cache
+    w, n = input_ids.shape
+    steps = n - 1 - prefix
+    nll = {run.label: torch.zeros(w, steps) for run in runs}
+    kl = {run.label: torch.zeros(w, steps) for run in runs}
+    fractions: dict[str, list[float]] = {run.label: [] for run in runs}
+    for i, t in enumerate(range(prefix, n - 1)):
+        token = input_ids[:, t : t + 1]
+        target = input_ids[:, t + 1 : t + 2]
+        positions = torch.full((w, 1), t, device=input_ids.device)
+        log_probs = {}
+        for run in runs:
+            cache = caches[run.label]
+            logits = model(token, past_key_values=cache, position_ids=positions).logits[:, -1]
+            log_probs[run.label] = torch.log_softmax(logits.float(), dim=-1)
+            nll[run.label][:, i] = -log_probs[run.label].gather(-1, target)[:, 0].cpu()
+            fractions[run.label].append(read_fraction(cache))
+        dense = log_probs[reference]
+        for run in runs:
+            kl[run.label][:, i] = (dense.exp() * (dense - log_probs[run.label])).sum(-1).cpu()
+        if progress is not None:
+            progress.update(1)
+    return {
+        run.label: TeacherForced(nll[run.label], kl[run.label].clamp_min(0), fractions[run.label])
+        for run in runs
+    }
+
+
+@torch.no_grad()
+def generate(
+    model, prompt_ids: torch.Tensor, runs: list[Run], max_new_tokens: int
+) -> dict[str, tuple[list[int], float]]:
+    """Greedy generation of every run from one dense prefill of ``prompt_ids [1, N]``.
+
+    Returns ``{label: (new token ids, mean read fraction of the last step)}``.
+    """
+    _use_multipole_attention(model)
+    prompt_cache = prefill(model, prompt_ids[:, :-1])  # generate feeds the last token
+    results = {}
+    for run in runs:
+        cache = start_cache(prompt_cache, run)
+        out = model.generate(
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        results[run.label] = (out[0, prompt_ids.shape[1] :].tolist(), read_fraction(cache))
+    return results
+
+
+def read_fraction(cache) -> float:
+    """Bytes read over dense bytes at the last step, over the layers of a cache (1.0 for a
+    stock cache)."""
+    states = [getattr(layer, "state", None) for layer in getattr(cache, "layers", [])]
+    stats = [s.stats() for s in states if s is not None and s._reads is not None]
+    if not stats:
+        return 1.0
+    return sum(s.bytes_read for s in stats) / sum(s.dense_bytes for s in stats)
+
+
+def _use_multipole_attention(model) -> None:
+    """The 'multipole' attention function runs SDPA for stock caches, so one setting serves
+    every run."""
+    if model.config._attn_implementation != "multipole":
+        model.set_attn_implementation("multipole")
