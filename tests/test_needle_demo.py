@@ -1,0 +1,63 @@
+"""The README's demo (a fact hidden in essays, asked back) on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from multipole.needle_demo import (  # noqa: E402
+    NeedleDemoSettings,
+    format_needle_table,
+    run_needle_demo,
+)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, gen):
+    """A tiny Llama with a word-level tokenizer over the essays' most common words."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    from multipole import data
+
+    try:
+        text = " ".join(data.essays(progress=False)[:5])
+    except Exception as error:  # offline: the essays cannot be fetched
+        pytest.skip(f"essays unavailable: {error}")
+    words = ["[UNK]", "[PAD]"] + sorted(set(text.split()))[:2000]
+    tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[PAD]"
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    path = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_demo_answers_with_both_methods_from_one_prefill(tiny_model_dir):
+    settings = NeedleDemoSettings(
+        model=str(tiny_model_dir), context=1500, read_fraction=1 / 4, max_new_tokens=6
+    )
+    report = run_needle_demo(settings)
+    dense, multipole = report["results"]
+    assert (dense["method"], multipole["method"]) == ("dense", "multipole")
+    assert dense["read_fraction"] == 1.0 and dense["kl_to_dense"] == 0.0
+    assert 0.15 < multipole["read_fraction"] < 0.3  # the bytes it was given, centroids counted
+    assert multipole["kl_to_dense"] >= 0 and len(multipole["tokens"]) == 6
+    assert 1400 < report["prompt_tokens"] <= 1500 and report["expected"]
+    table = format_needle_table(report)
+    assert "multipole" in table and "dense" in table
