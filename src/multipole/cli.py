@@ -1,4 +1,4 @@
-"""The ``multipole`` command line: ``info``, ``demo`` and ``bench``."""
+"""The ``multipole`` command line: ``info``, ``demo``, ``generate`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import torch
 
 from . import __version__
+from . import generate as generate_command
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -69,10 +70,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import kernels
+def _generate(args: argparse.Namespace) -> int:
+    try:
+        config = generate_command.check_args(args)
+    except ValueError as e:
+        args.parser.error(str(e))
+    return generate_command.main(args, config)
 
-    kernels.main(args.args)
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.suite == "kernels":
+        from .bench import kernels
+
+        kernels.main(args.args)
+    else:
+        from .bench import decode
+
+        decode.main(args.args)
     return 0
 
 
@@ -105,15 +119,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
 
-    bench = sub.add_parser("bench", help="GPU benchmarks, checked before timed, JSON out")
-    bench.add_argument("suite", choices=["kernels"], help="kernels: one decode step vs SDPA")
+    generate = sub.add_parser(
+        "generate",
+        help="stream a model's answer to one prompt (Multipole Attention or dense)",
+        description="Stream a model's answer to one prompt: exact attention over the prompt, "
+        "then Multipole Attention (or another method, or stock SDPA with --dense) at every "
+        "decode step. Prints decode tokens/s and the fraction of KV bytes read; under torchrun "
+        "the model runs tensor parallel.",
+    )
+    generate_command.add_arguments(generate)
+    generate.set_defaults(run=_generate, parser=generate)
+
+    bench = sub.add_parser("bench", help="benchmarks, checked before timed, JSON out")
+    bench.add_argument(
+        "suite",
+        choices=["kernels", "decode"],
+        help="kernels: one decode step vs SDPA (GPU); decode: end-to-end decode of a "
+        "random-weight model, multipole vs dense",
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (--help)")
     bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the command's own arguments, for reports
     return args.run(args)
 
 
