@@ -43,7 +43,8 @@ def test_demo_compares_every_method_at_equal_bytes():
 
 def test_demo_command_writes_json(tmp_path, capsys):
     path = tmp_path / "demo.json"
-    args = ["demo", "--context", "900", "--steps", "4", "--kv-heads", "1", "--q-heads", "2"]
+    args = ["demo", "--synthetic", "--context", "900", "--steps", "4", "--kv-heads", "1"]
+    args += ["--q-heads", "2"]
     args += ["--head-dim", "16", "--interval", "32", "--block-size", "256", "--quiet"]
     args += ["--read-fraction", "0.4", "--json", str(path)]
     assert main(args) == 0

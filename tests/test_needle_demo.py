@@ -61,3 +61,22 @@ def test_demo_answers_with_both_methods_from_one_prefill(tiny_model_dir):
     assert 1400 < report["prompt_tokens"] <= 1500 and report["expected"]
     table = format_needle_table(report)
     assert "multipole" in table and "dense" in table
+
+
+def test_demo_and_eval_commands(tiny_model_dir, tmp_path, capsys):
+    from multipole.cli import main
+
+    report_path = tmp_path / "demo.json"
+    args = ["demo", "--model", str(tiny_model_dir), "--context", "1200", "--max-new-tokens", "4"]
+    assert main([*args, "--read-fraction", "0.25", "--json", str(report_path)]) == 0
+    assert "magic number" in capsys.readouterr().out and report_path.stat().st_size > 0
+
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tiny_model_dir), "--tasks", "fidelity,perplexity"]
+    args += ["--methods", "multipole,window", "--fractions", "1/4", "--context", "300"]
+    args += ["--decode-tokens", "16", "--fidelity-steps", "8", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "multipole@1/4" in printed and (out / "summary.json").exists()
+    with pytest.raises(SystemExit):
+        main(["eval", "--tasks", "fidelity,nonsense"])
