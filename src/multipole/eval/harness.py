@@ -38,7 +38,7 @@ TASKS = ("fidelity", "perplexity", "retrieval", "gsm")
 METHODS = ("multipole", "centroid_only", "quest", "oracle_topk", "window")
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 # Short contexts need a short recent window to reach small read fractions.
-EVAL_BASE = MultipoleConfig(sink_tokens=4, interval=32, block_size=8192, backend="reference")
+EVAL_BASE = MultipoleConfig(sink_tokens=4, interval=32, block_size=8192)
 
 
 @dataclass

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Accuracy grid of `multipole eval` on the GPU machine with SmolLM2-135M (no internet there).
+# Staged transfer (shared/ASSETS.md): call 1 carries .stage/a (GGUF part 00, the gguf wheel,
+# the essays JSON) and runs `bash benchmarks/eval_gpu.sh stage`; call 2, while the machine is
+# still warm, carries .stage/b (part 01) and runs `bash benchmarks/eval_gpu.sh run`.
+set -euo pipefail
+export MULTIPOLE_CACHE=/tmp/mpcache PYTHONPATH=src:/tmp/site
+if [[ "${1:-}" == stage ]]; then
+  mkdir -p /tmp/m && cp .stage/a/* /tmp/m/ && ls -la /tmp/m
+  exit 0
+fi
+cp .stage/b/* /tmp/m/
+mkdir -p "$MULTIPOLE_CACHE/gguf" "$MULTIPOLE_CACHE/data"
+cat /tmp/m/part-* > "$MULTIPOLE_CACHE/gguf/smollm2-135m.gguf"
+cp /tmp/m/smollm2-135m.gguf.verified "$MULTIPOLE_CACHE/gguf/"
+cp /tmp/m/PaulGrahamEssays.json "$MULTIPOLE_CACHE/data/"
+pip install -q --no-index --no-deps --target /tmp/site /tmp/m/gguf-*.whl
+mkdir -p /tmp/evalout
+eval_run() {  # name, seconds, then options of multipole eval; each run writes its own folder
+  local name=$1 seconds=$2; shift 2
+  timeout "$seconds" python -m multipole.cli eval --model smollm2-135m --quiet \
+    --out "/tmp/evalout/$name" "$@" 2>&1 | tail -25 || echo "$name: stopped (timeout or error)"
+  tar czf "$OUT/eval_results.tgz" -C /tmp/evalout .  # at most 8 files come back: one archive
+}
+eval_run fidelity 120 --tasks fidelity --context 4096 --windows 4 --fidelity-steps 128 \
+  --fractions 1/64,1/32,1/16,1/8
+eval_run perplexity 240 --tasks perplexity --context 4096 --windows 4 --decode-tokens 512 \
+  --fractions 1/32,1/16
+eval_run retrieval 180 --tasks retrieval --context 4096 --retrieval-samples 3 \
+  --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/16
