@@ -26,7 +26,7 @@ FAMILIES = {
 
 def tiny_model(family: str, seed: int, **overrides):
     config_cls, model_cls = FAMILIES[family]
-    config = config_cls(
+    shape = dict(
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
@@ -35,8 +35,8 @@ def tiny_model(family: str, seed: int, **overrides):
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=4096,
-        **overrides,
     )
+    config = config_cls(**{**shape, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens

@@ -18,6 +18,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_hf import tiny_model  # noqa: E402
+
 import multipole  # noqa: E402
 import multipole.hf  # noqa: E402
 from multipole import MultipoleConfig  # noqa: E402
@@ -25,10 +27,7 @@ from multipole import MultipoleConfig  # noqa: E402
 SMALL = MultipoleConfig(interval=32, block_size=128, sink_tokens=4, token_budget=48)
 CONFIGS = {"small": SMALL, "full": dataclasses.replace(SMALL, token_budget=10**9)}
 MAX_NEW_TOKENS = 24
-FAMILIES = {
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-}
+FAMILIES = ("qwen3", "llama")
 
 
 def prompt() -> torch.Tensor:
@@ -36,20 +35,7 @@ def prompt() -> torch.Tensor:
 
 
 def save_tiny_model(family: str, path: Path, seed: int) -> transformers.PreTrainedModel:
-    config_cls, model_cls = FAMILIES[family]
-    config = config_cls(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=16,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    model.generation_config.eos_token_id = None
+    model = tiny_model(family, seed, num_attention_heads=8, num_key_value_heads=4)
     model.save_pretrained(path)
     return model
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .eval.decoding import Run, prefill, read_fraction, start_cache, teacher_forced
+from .eval.decoding import Run, greedy, prefill, read_fraction, start_cache, teacher_forced
 from .eval.harness import EvalSettings, environment, method_config
 
 
@@ -110,17 +110,7 @@ def _timed_generate(model, ids, cache, new_tokens: int, device) -> tuple[float, 
     """Greedy ``generate`` continuing ``cache``; returns (seconds, all token ids)."""
     _sync(device)
     start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+    out = greedy(model, ids, cache, new_tokens)
     _sync(device)
     return time.perf_counter() - start, out
 

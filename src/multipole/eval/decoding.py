@@ -112,18 +112,25 @@ def generate(
     results = {}
     for run in runs:
         cache = start_cache(prompt_cache, run)
-        out = model.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            past_key_values=cache,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        out = greedy(model, prompt_ids, cache, max_new_tokens)
         results[run.label] = (out[0, prompt_ids.shape[1] :].tolist(), read_fraction(cache))
     return results
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int) -> torch.Tensor:
+    """Greedy ``generate`` of ``ids [B, N]`` (no padding) continuing ``cache``, whatever the
+    model's generation config says about sampling; returns all token ids."""
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
 
 def read_fraction(cache) -> float:
