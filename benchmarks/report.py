@@ -1,4 +1,8 @@
-"""Render a benchmark JSON of ``benchmarks/kernels.py`` as the README's markdown table.
+"""Render a committed result JSON as the README's markdown table.
+
+Knows the kernel benchmark (``multipole bench kernels``), the end-to-end decode benchmark
+(``multipole bench decode``), the demos (``multipole demo [--synthetic] --json``) and the
+evaluation summary (``multipole eval``: ``summary.json``).
 
 python benchmarks/report.py benchmarks/results/2026-11-23_h100_kernels.json
 """
@@ -65,7 +69,89 @@ def demo_table(path: str) -> str:
     return "\n".join(lines)
 
 
+def needle_table(path: str) -> str:
+    with open(path) as f:
+        report = json.load(f)
+    s, env = report["settings"], report["environment"]
+    lines = [
+        f"{s['model']}, a {report['prompt_tokens']}-token prompt hiding the number "
+        f"{report['expected'][0]} at depth {report['needle_depth']:.2f}, multipole at "
+        f"{s['read_fraction']:.2%} of the dense KV bytes (centroid ratio "
+        f"1/{round(1 / s['config']['centroid_ratio'])}, budget {s['config']['token_budget']} "
+        f"tokens), on {env['device']}, torch {env['torch']}, {env['utc'][:10]}. "
+        f"Command: `{env['command']}`.",
+        "",
+        "| method | answer | correct | first token s | decode tok/s | KV read | KL to dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['method']} | {r['answer']} | {'yes' if r['correct'] else 'no'} | "
+            f"{r['first_token_s']:.2f} | {r['tokens_per_s']:.1f} | {r['read_fraction']:.1%} | "
+            f"{r['kl_to_dense']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+EVAL_COLUMNS = {
+    "fidelity": [("rel_error", "attn. rel. error", ".3f"), ("mass", "mass captured", ".3f")],
+    "perplexity": [("perplexity", "PPL", ".2f"), ("kl", "KL", ".4f"),
+                   ("kl_first_half", "KL 1st half", ".4f"),
+                   ("kl_second_half", "KL 2nd half", ".4f")],
+    "retrieval": [("accuracy", "retrieval acc.", ".2f"), ("agreement", "agreement", ".2f")],
+    "gsm": [("accuracy", "GSM acc.", ".2f"), ("agreement", "agreement", ".2f")],
+}  # fmt: skip
+
+
+def eval_table(path: str) -> str:
+    with open(path) as f:
+        summary = json.load(f)
+    env, tasks = summary["environment"], summary["tasks"]
+    columns = [(t, *c) for t in EVAL_COLUMNS if t in tasks for c in EVAL_COLUMNS[t]]
+    labels: list[str] = []
+    for t in tasks.values():
+        labels += [label for label in t if label not in labels]
+    labels.sort(key=lambda x: (x != "dense", -_fraction(x), x))
+    lines = [
+        f"{summary['model']}, on {env['device']}, torch {env['torch']}, {env['utc'][:10]}. "
+        f"Command: `{env['command']}`.",
+        "",
+        "| run | KV read | " + " | ".join(c[2] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for label in labels:
+        reads = [tasks[t][label].get("read_fraction") for t in tasks if label in tasks[t]]
+        read = next((r for r in reads if r is not None), None)
+        cells = [
+            format(tasks[t][label][key], fmt) if label in tasks[t] else "-"
+            for t, key, _, fmt in columns
+        ]
+        lines.append(
+            f"| {label} | {'-' if read is None else f'{read:.1%}'} | " + " | ".join(cells) + " |"
+        )
+    if summary.get("skipped"):
+        lines += [
+            "",
+            "Not reachable (sink + window alone read more): " + "; ".join(summary["skipped"]),
+        ]
+    return "\n".join(lines)
+
+
+def _fraction(label: str) -> float:
+    return 1.0 if "@1/" not in label else 1 / float(label.split("@1/")[1])
+
+
+def render(path: str) -> str:
+    with open(path) as f:
+        report = json.load(f)
+    if "tasks" in report:
+        return eval_table(path)
+    if "needle_depth" in report:
+        return needle_table(path)
+    if "rows" in report and report["rows"] and "speedup_vs_sdpa" in report["rows"][0]:
+        return kernel_table(path)
+    return demo_table(path)
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        kind = "kernels" if "rows" in json.load(f) else "demo"
-    print(kernel_table(sys.argv[1]) if kind == "kernels" else demo_table(sys.argv[1]))
+    print(render(sys.argv[1]))

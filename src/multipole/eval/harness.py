@@ -114,6 +114,7 @@ def run_eval(
     *,
     windows: list[list[int]] | None = None,
     progress: bool = True,
+    model_name: str | None = None,
 ) -> dict:
     """Run ``settings.tasks`` and write the outputs into ``out_dir``; returns the summary.
 
@@ -129,7 +130,7 @@ def run_eval(
     runs, skipped = runs_for(settings, settings.context, head_dim)
     summary: dict = {
         "settings": _jsonable(dataclasses.asdict(settings)),
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "environment": environment(device),
         "skipped": skipped,
         "tasks": {},
@@ -514,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    summary = run_eval(model, tokenizer, settings, Path(args.out), progress=not args.quiet)
+    summary = run_eval(
+        model, tokenizer, settings, Path(args.out), progress=not args.quiet, model_name=args.model
+    )
     print(format_table(summary))
     for note in summary["skipped"]:
         print("not reachable:", note)
