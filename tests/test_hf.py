@@ -247,3 +247,21 @@ def test_a_stock_cache_after_a_multipole_run_gets_stock_attention(gen):
             ids, past_key_values=transformers.DynamicCache(), max_new_tokens=20, do_sample=False
         )
     assert torch.equal(after, generate(model, ids, max_new_tokens=20))
+
+
+def test_filling_a_cache_outside_a_forward_does_not_capture_the_next_one(gen):
+    """Filling a MultipoleCache with update() (as an evaluation does from a dense prefill) must
+    not make the next decode step through another cache attend to it."""
+    model = tiny_model("llama", int(torch.randint(1000, (1,), generator=gen)))
+    model.set_attn_implementation("multipole")
+    ids = torch.randint(1, 128, (1, 301), generator=gen)
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+        dense = transformers.DynamicCache()
+        model(ids[:, :300], past_key_values=dense)
+        filled = multipole.MultipoleCache(SMALL)
+        for i, layer in enumerate(dense.layers):
+            filled.update(torch.randn_like(layer.keys), torch.randn_like(layer.values), i)
+        step = model(ids[:, 300:], past_key_values=dense).logits[:, -1]
+    torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-4)
+    assert all(layer.state is None for layer in filled.layers)

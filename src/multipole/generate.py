@@ -278,17 +278,6 @@ def generate_text(
     )
 
 
-def read_fraction(cache: Any) -> float | None:
-    """Mean over layers of the fraction of dense KV bytes the last decode step read (None
-    before the first decode step)."""
-    fractions = [
-        layer.state.stats().read_fraction
-        for layer in getattr(cache, "layers", [])
-        if getattr(layer, "state", None) is not None
-    ]
-    return sum(fractions) / len(fractions) if fractions else None
-
-
 def main(args: argparse.Namespace, config: MultipoleConfig | None) -> int:
     """Run ``multipole generate`` with parsed ``args`` and the config from :func:`check_args`."""
     import multipole.hf  # noqa: F401  (registers attn_implementation="multipole")
@@ -335,7 +324,7 @@ def main(args: argparse.Namespace, config: MultipoleConfig | None) -> int:
         stream=rank == 0,
         progress=rank == 0 and not args.no_progress,
     )
-    result["read_fraction"] = 1.0 if config is None else read_fraction(cache)
+    result["read_fraction"] = 1.0 if config is None else cache.read_fraction()
     say(_summary(result), file=sys.stderr, flush=True)
     if args.json and rank == 0:
         report = dict(

@@ -62,6 +62,7 @@ class MultipoleLayer(DynamicLayer):
         self.rotary: Rotary | None = None  # set when keys are clustered position-free
         self._length = 0  # padded length, as transformers counts positions
         self._attended = True  # the attention function consumed the last decode update
+        self._returned: torch.Tensor | None = None  # keys the last update handed the model
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         new_tokens = key_states.shape[-2]
@@ -80,12 +81,20 @@ class MultipoleLayer(DynamicLayer):
             self._attended = False
         self._length += new_tokens
         if self.state is None:
-            return super().update(key_states, value_states, *args, **kwargs)
-        cluster_keys = None
-        if self.rotary is not None:  # the new token sits at position seq_len of its sequence
-            cluster_keys = self.rotary.rotate(key_states, -self.state._seq_lens_device[:, None])
-        self.state.append(key_states, value_states, cluster_keys=cluster_keys)
-        return key_states, value_states
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+        else:
+            cluster_keys = None
+            if self.rotary is not None:  # the new token sits at position seq_len of its row
+                cluster_keys = self.rotary.rotate(key_states, -self.state._seq_lens_device[:, None])
+            self.state.append(key_states, value_states, cluster_keys=cluster_keys)
+            keys, values = key_states, value_states
+        self._returned = keys
+        return keys, values
+
+    def owns(self, key: torch.Tensor) -> bool:
+        """Whether ``key`` (what the attention function got) came from this layer's last
+        update, and not from another cache used since."""
+        return key is self._returned
 
     def get_seq_length(self) -> int:
         return self._length
@@ -187,6 +196,21 @@ class MultipoleCache(Cache):
         _ACTIVE_CACHE.set(self)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
+    def read_fraction(self) -> float:
+        """Bytes of keys, values and metadata the last decode step read over the dense bytes,
+        summed over layers (a layer kept dense, or not decoding yet, counts as a full read)."""
+        read = dense = 0
+        for layer in self.layers:
+            state = getattr(layer, "state", None)
+            if state is None or state._reads is None:
+                keys = getattr(layer, "keys", None)
+                layer_bytes = 0 if keys is None else 2 * keys.numel() * keys.element_size()
+                read, dense = read + layer_bytes, dense + layer_bytes
+            else:
+                stats = state.stats()
+                read, dense = read + stats.bytes_read, dense + stats.dense_bytes
+        return read / dense if dense else 1.0
+
     def _layer_config(self, index: int) -> MultipoleConfig | None:
         if index >= len(self.layer_configs):
             raise ValueError(
@@ -218,7 +242,7 @@ def multipole_attention_forward(
     layer = None
     if cache is not None and getattr(module, "layer_idx", None) is not None:
         candidate = cache.layers[module.layer_idx]
-        layer = candidate if isinstance(candidate, MultipoleLayer) else None
+        layer = candidate if isinstance(candidate, MultipoleLayer) and candidate.owns(key) else None
     if layer is None or query.shape[2] > 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -349,14 +349,6 @@ def decode(
     return Decoded(wall[warmup:], first_logits, updates)
 
 
-def read_fraction(cache: Cache) -> float:
-    """Mean over layers of the fraction of dense KV bytes the last step read (1 for dense)."""
-    states = [getattr(layer, "state", None) for layer in cache.layers]
-    if any(s is None for s in states):
-        return 1.0
-    return sum(s.stats().read_fraction for s in states) / len(states)
-
-
 # ---------------------------------------------------------------------------- one configuration
 def run_method(
     method: str,
@@ -393,7 +385,11 @@ def run_method(
             model.set_attn_implementation("multipole")
             cache, clustering_ms = multipole_cache(cfg, make_kv, layers, context, s.device)
         result = decode(model, cache, first_ids, context, steps=s.steps, warmup=s.warmup)
-        return result, clustering_ms, read_fraction(cache)
+        return (
+            result,
+            clustering_ms,
+            (cache.read_fraction() if isinstance(cache, MultipoleCache) else 1.0),
+        )
 
     # multipole.hf holds the cache in a context variable from a layer's update to its
     # attention; a run that stops in between (out of memory) must not keep it alive

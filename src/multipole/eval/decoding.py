@@ -134,13 +134,8 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int) -> torch.Tensor
 
 
 def read_fraction(cache) -> float:
-    """Bytes read over dense bytes at the last step, over the layers of a cache (1.0 for a
-    stock cache)."""
-    states = [getattr(layer, "state", None) for layer in getattr(cache, "layers", [])]
-    stats = [s.stats() for s in states if s is not None and s._reads is not None]
-    if not stats:
-        return 1.0
-    return sum(s.bytes_read for s in stats) / sum(s.dense_bytes for s in stats)
+    """Bytes read over dense bytes at the last step (1.0 for a stock cache)."""
+    return cache.read_fraction() if isinstance(cache, MultipoleCache) else 1.0
 
 
 def _use_multipole_attention(model) -> None:
