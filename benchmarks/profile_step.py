@@ -1,33 +1,82 @@
-"""Per-kernel GPU time of one fused decode step (torch.profiler), to see where time goes.
+"""Where the time of a fused decode step goes, launch variants, and the k-means kernels (GPU).
 
 python benchmarks/profile_step.py [--context 131072] [--batches 1,16] [--budgets 128,0.05]
+    [--variants] [--kmeans] [--out FILE.json]
+
+- default: per-kernel GPU time of one step (torch.profiler, 20 steps);
+- ``--variants``: each launch variant of ``multipole.fused.Tuning`` checked against the
+  default (same state, same query) and timed as a CUDA graph replay (median of do_bench);
+- ``--kmeans``: the k-means kernels at realistic sizes: invariants (sizes = label histogram,
+  centroids = member means, labels nearest up to tf32 rounding), prefill clustering per layer
+  and the online update (8K open block + 128 tokens) against the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from multipole import MultipoleConfig, MultipoleState
+from multipole import fused as fused_mod
+
+DEVICE = "cuda"  # (a dry run of this script's logic can set "cpu" under TRITON_INTERPRET=1)
+
+VARIANTS = {
+    "default": {},
+    "no_prefetch": dict(prefetch=False),
+    "bn32": dict(block_n=32),
+    "exact2": dict(exact_programs_per_sm=2),
+    "exact8": dict(exact_programs_per_sm=8),
+    "cent2": dict(centroid_programs_per_sm=2),
+    "cent8": dict(centroid_programs_per_sm=8),
+    "sel4096w8": dict(select_tile=4096, select_warps=8),
+    "fuse_merge": dict(fuse_merge=True),
+    "fuse_select": dict(fuse_select=True),
+}
+KMEANS_VARIANTS = {
+    "default": {},
+    "assign128": dict(ASSIGN_BLOCK_N=128),
+    "acc128": dict(BLOCK_K=128),
+    "both128": dict(ASSIGN_BLOCK_N=128, BLOCK_K=128),
+}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--context", type=int, default=131072)
-    parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--budgets", default="128,0.05")
-    args = parser.parse_args()
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def graph_of(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def make_state(context: int, batch: int, budget, replacement: bool = True):
+    gen = torch.Generator(device=DEVICE).manual_seed(context + batch)
+    k = torch.randn(batch, 8, context, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(batch, 8, context, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    cfg = MultipoleConfig(token_budget=budget, backend="triton", replacement=replacement)
+    return MultipoleState.prefill(k, v, cfg), q, k, v
+
+
+def profile_steps(args, budgets, rows) -> None:
     for batch in map(int, args.batches.split(",")):
-        k = torch.randn(batch, 8, args.context, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
-        for budget in args.budgets.split(","):
-            value = float(budget) if "." in budget else int(budget)
-            state = MultipoleState.prefill(
-                k, v, MultipoleConfig(token_budget=value, backend="triton")
-            )
+        for budget in budgets:
+            state, q, _, _ = make_state(args.context, batch, budget)
             for _ in range(5):
                 state.attend(q)
             torch.cuda.synchronize()
@@ -37,6 +86,301 @@ def main() -> None:
                 torch.cuda.synchronize()
             print(f"\n=== context {args.context} batch {batch} budget {budget} (20 steps)")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+            for e in prof.key_averages():
+                if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+                    rows.append(
+                        dict(
+                            kind="profile",
+                            context=args.context,
+                            batch=batch,
+                            budget=budget,
+                            kernel=e.key,
+                            us_per_step=e.self_device_time_total / 20,
+                        )
+                    )
+            del state
+            torch.cuda.empty_cache()
+
+
+def time_variants(args, budgets, rows, variants=None) -> dict:
+    """Time each variant (graph replay) per configuration; returns {variant: [ms, ...]}."""
+    from triton.testing import do_bench
+
+    variants = VARIANTS if variants is None else variants
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for batch in map(int, args.batches.split(",")):
+        for budget in budgets:
+            state, q, _, _ = make_state(args.context, batch, budget)
+            fused_mod.TUNING = fused_mod.Tuning()
+            base = state.attend(q)
+            state.config = dataclasses.replace(state.config, backend="reference")
+            ref = state.attend(q)
+            state.config = dataclasses.replace(state.config, backend="triton")
+            print(
+                f"ctx {args.context} B {batch} budget {budget}: default vs reference "
+                f"{rel_err(base, ref):.2e}",
+                flush=True,
+            )
+            for name, kw in variants.items():
+                fused_mod.TUNING = fused_mod.Tuning(**kw)
+                out = state.attend(q)
+                err = rel_err(out, base)
+                ms = do_bench(
+                    graph_of(lambda s=state, x=q: s.attend(x)),
+                    warmup=25,
+                    rep=200,
+                    return_mode="median",
+                )
+                rows.append(
+                    dict(
+                        kind="variant",
+                        context=args.context,
+                        batch=batch,
+                        budget=budget,
+                        variant=name,
+                        ms=ms,
+                        rel_err_vs_default=err,
+                    )
+                )
+                print(f"  {name:12s} {ms * 1e3:8.1f} us  err {err:.1e}", flush=True)
+                times[name].append(ms)
+            fused_mod.TUNING = fused_mod.Tuning()
+            del state
+            torch.cuda.empty_cache()
+    return times
+
+
+def _geo_ratio(ms: list[float], base: list[float]) -> float:
+    prod = 1.0
+    for a, b in zip(ms, base, strict=True):
+        prod *= a / b
+    return prod ** (1 / max(1, len(ms)))
+
+
+def pick_tuning(args, budgets, rows) -> dict:
+    """Single variants, then every improving option together; the best by geometric mean of
+    time ratios against the default over the configurations."""
+    times = time_variants(args, budgets, rows)
+    score = {n: _geo_ratio(t, times["default"]) for n, t in times.items()}
+    good = sorted((s, n) for n, s in score.items() if s < 0.99 and n != "default")
+    combo: dict = {}
+    for _, name in good:  # better first; a later option never overrides an earlier one
+        for key, value in VARIANTS[name].items():
+            combo.setdefault(key, value)
+    best_name = min(score, key=score.get)
+    best = dict(VARIANTS[best_name])
+    if len(good) > 1:
+        t = time_variants(args, budgets, rows, {"default": {}, "combo": combo})
+        combo_score = _geo_ratio(t["combo"], t["default"])
+        print(f"combo {combo}: {combo_score:.3f} vs best single {best_name} {score[best_name]:.3f}")
+        if combo_score < score[best_name]:
+            best = combo
+    rows.append(dict(kind="pick", scores=score, picked=best))
+    print(f"picked fused tuning: {best} (scores {score})", flush=True)
+    return best
+
+
+def pick_kmeans(rows) -> dict:
+    """Prefill clustering at 128K (batch 1) per k-means block variant; the fastest."""
+    from multipole.ops.kmeans import kernel as km
+
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    k = torch.randn(1, 8, 131072, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    saved = {n: getattr(km, n) for v in KMEANS_VARIANTS.values() for n in v}
+    result = {}
+    for name, kw in KMEANS_VARIANTS.items():
+        for n, value in {**saved, **kw}.items():
+            setattr(km, n, value)
+        MultipoleState.prefill(k, k, MultipoleConfig(backend="triton"))  # compile
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            MultipoleState.prefill(k, k, MultipoleConfig(backend="triton"))
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        result[name] = statistics.median(times)
+        print(f"kmeans {name}: prefill 128K {result[name]:.1f} ms", flush=True)
+    for n, value in saved.items():
+        setattr(km, n, value)
+    best = min(result, key=result.get)
+    rows.append(dict(kind="kmeans_pick", ms=result, picked=best))
+    return dict(KMEANS_VARIANTS[best])
+
+
+def check_index(state: MultipoleState) -> dict:
+    """Invariants of the kernel-built index: sizes = histogram, centroids = member means,
+    labels nearest (up to tf32 rounding of the assignment)."""
+    from multipole.ops.kmeans import cluster_means
+
+    index, n = state.index, max(state.seq_lens)
+    labels = index.labels[:, :, :n]
+    worst_mean = worst_gap = 0.0
+    hist_ok = True
+    for b in range(state.batch_size):
+        lab = labels[b]
+        c = index.level0.sizes.shape[-1]
+        for data, cent in (
+            (state.cluster_keys[b], index.level0.key_centroids[b]),
+            (state.values[b], index.level0.value_centroids[b]),
+        ):
+            means, counts = cluster_means(data, lab, torch.ones_like(lab, dtype=torch.float32), c)
+            hist_ok &= bool(torch.equal(counts.long(), index.level0.sizes[b]))
+            live = counts > 0
+            scale = means[live].abs().max().clamp_min(1e-6)
+            worst_mean = max(worst_mean, float((cent[live] - means[live]).abs().max() / scale))
+        # nearest among the clusters of the same block: distance to own centroid vs the best
+        cfg = state.config
+        for start in range(0, state.clustered_len[b], cfg.block_size):
+            pos = slice(
+                cfg.sink_tokens + start,
+                cfg.sink_tokens + min(start + cfg.block_size, state.clustered_len[b]),
+            )
+            x = state.cluster_keys[b][:, pos].float()
+            lab_blk = lab[:, pos]
+            lo, hi = int(lab_blk.min()), int(lab_blk.max()) + 1
+            cent = index.level0.key_centroids[b][:, lo:hi]
+            d = torch.cdist(x, cent).square()
+            own = d.gather(-1, (lab_blk - lo).unsqueeze(-1)).squeeze(-1)
+            gap = (own - d.min(-1).values) / x.square().sum(-1).clamp_min(1e-6)
+            worst_gap = max(worst_gap, float(gap.max()))
+    return dict(histogram_ok=hist_ok, worst_mean_rel=worst_mean, worst_nearest_gap_rel=worst_gap)
+
+
+def kmeans_checks(args, rows) -> None:
+    def prefill_ms(context: int, backend: str, reps: int = 3) -> tuple[float, MultipoleState]:
+        gen = torch.Generator(device=DEVICE).manual_seed(context)
+        k = torch.randn(1, 8, context, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        times, state = [], None
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            state = MultipoleState.prefill(k, k, MultipoleConfig(backend=backend))
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times), state
+
+    for context in (32768, 131072):
+        for backend in ("triton", "reference"):
+            ms, state = prefill_ms(context, backend, 3 if backend == "triton" else 1)
+            row = dict(kind="prefill_clustering", context=context, backend=backend, ms=ms)
+            if backend == "triton":
+                row.update(check_index(state))
+            rows.append(row)
+            print(row, flush=True)
+            del state
+            torch.cuda.empty_cache()
+
+    # online update: 8064-token open block + 128 new tokens, 8 heads, then one decode step
+    n = 16 + 8064 + 255
+    for backend in ("triton", "reference"):
+        times = []
+        for seed in range(5):
+            gen = torch.Generator(device=DEVICE).manual_seed(seed)
+            k = torch.randn(1, 8, n + 1, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+            cfg = MultipoleConfig(backend="triton")
+            state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], cfg)
+            state.config = dataclasses.replace(cfg, backend=backend)
+            q = torch.randn(1, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+            state.attend(q)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            state.append(k[:, :, n:], k[:, :, n:])
+            state.config = dataclasses.replace(cfg, backend="triton")
+            state.attend(q)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+            if seed == 4 and backend == "triton":
+                rows.append(dict(kind="update_check", **check_index(state)))
+        row = dict(
+            kind="online_update", backend=backend, ms=statistics.median(times[1:]), runs_ms=times
+        )
+        rows.append(row)
+        print(row, flush=True)
+
+
+def profile_update(rows) -> None:
+    """Where an online update (8K open block + 128 tokens) and the next step spend time:
+    wall time of each part (synchronised) and the top operators (torch.profiler)."""
+    n = 16 + 8064 + 255
+    cfg = MultipoleConfig(backend="triton")
+    parts: dict[str, list[float]] = {"append+update": [], "layout+attend": [], "attend": []}
+
+    def timed(name, fn):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        parts[name].append((time.perf_counter() - t) * 1e3)
+
+    states = []
+    for seed in range(6):
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        k = torch.randn(1, 8, n + 64, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(1, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        state = MultipoleState.prefill(k, k, cfg, lengths=[n])  # room for the new token
+        state.attend(q)
+        states.append((state, k, q))
+        new = k[:, :, n : n + 1]
+        timed("append+update", lambda s=state, x=new: s.append(x, x))
+        timed("layout+attend", lambda s=state, q=q: s.attend(q))
+        timed("attend", lambda s=state, q=q: s.attend(q))
+    row = {name: statistics.median(v[1:]) for name, v in parts.items()}
+    print(f"update parts (ms, median of 5): {row}", flush=True)
+    rows.append(dict(kind="update_parts", **row))
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    k = torch.randn(1, 8, n + 64, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    state = MultipoleState.prefill(k, k, cfg, lengths=[n])
+    q = torch.randn(1, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    state.attend(q)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        state.append(k[:, :, n : n + 1], k[:, :, n : n + 1])
+        state.attend(q)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    print(table)
+    rows.append(dict(kind="update_profile", table=table))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--budgets", default="128,0.05")
+    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--kmeans", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--pick", default=None, help="write the best tuning (JSON) here")
+    parser.add_argument("--update", action="store_true", help="profile the online update")
+    args = parser.parse_args()
+    budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
+    rows: list[dict] = []
+    try:
+        if args.pick:
+            picked = dict(fused=pick_tuning(args, budgets, rows), kmeans=pick_kmeans(rows))
+            with open(args.pick, "w") as f:
+                json.dump(picked, f)
+            fused_mod.TUNING = fused_mod.Tuning(**picked["fused"])
+            from multipole.ops.kmeans import kernel as km
+
+            for name, value in picked["kmeans"].items():
+                setattr(km, name, value)
+        if args.update:
+            profile_update(rows)
+        if args.kmeans:
+            kmeans_checks(args, rows)
+        if args.variants:
+            time_variants(args, budgets, rows)
+        if not args.no_profile:
+            profile_steps(args, budgets, rows)
+    finally:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(gpu=torch.cuda.get_device_name(0), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

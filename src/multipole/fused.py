@@ -1,12 +1,19 @@
-"""The fused decode step: five Triton launches, no host synchronisation, fixed shapes.
+"""The fused decode step: three to five Triton launches, no host synchronisation, fixed shapes.
 
 1. centroid pass (``ops/lookup/kernel.py``): logits of the group against every centroid and
-   the far-field softmax state over all clusters, in one read of the centroids;
-2. scores: each cluster's estimated attention mass (the paper's eq. 1, summed over the group);
-3. selection: budget threshold by bisection, compacted token positions (sink, recent window,
-   tokens of selected clusters), the selected clusters' part of the far field (to subtract);
-4. split-K flash decoding over those positions (``ops/decode/kernel.py``);
-5. log-sum-exp merge of the splits, the far field and its correction.
+   the far-field softmax state over all clusters, in one read of the centroids, split over
+   programs;
+2. scores (many programs per row): each cluster's estimated attention mass (the paper's eq. 1,
+   summed over the group), and the far field of all clusters reduced over the splits;
+3. selection (one program per row, or the last score program of the row with
+   ``Tuning.fuse_select``): budget threshold by bisection on the score values, then the compact
+   list of selected clusters (first slot, where their tokens start in ``order``, id);
+4. split-K flash decoding (``ops/decode/kernel.py``) over the sink, the recent window and the
+   tokens of the selected clusters, found per tile from the list (no serial expansion); each
+   selected token also removes its cluster's far-field term (``(e^x - e^z) v``), so no second
+   pass over the selected centroids;
+5. log-sum-exp merge of the splits and the far field (or in the last exact program of the row,
+   ``Tuning.fuse_merge``).
 
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
 ``levels == 1`` (cluster ties at the budget boundary aside), reading the tokens of a cluster
@@ -24,13 +31,30 @@ from .index import ClusterIndex
 from .ops.kernel_utils import native_dot
 
 BLOCK_C = 64  # centroids per tile of the centroid pass
-BLOCK_N = 64  # tokens per tile of the exact pass
-CHUNK = 1024  # clusters / slots per step of the selection
 SCORE_CHUNK = 256  # clusters per program of the scoring
-SEL_CHUNK = 64  # selected clusters per step of the far-field correction
-TOKENS_PER_SPLIT = 256  # granularity (and minimum) of the exact pass's split-K
-BISECT_STEPS = 32  # threshold resolution: (max - min score) / 2**32
-SELECT_WARPS = 8
+FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
+RANK_CHUNK = 1024  # list entries per step when an exact-pass program finds its first cluster
+MAX_BISECT_STEPS = 64  # bound on the threshold search (it stops when the boundary is one value)
+
+
+@dataclass
+class Tuning:
+    """Launch shapes of the fused step (results do not depend on them). Defaults: the best of
+    ``benchmarks/profile_step.py --pick`` on the H100 (128K, batch 1/4/16, 5% budget)."""
+
+    centroid_programs_per_sm: int = 2  # centroid-pass grid target (rows x splits)
+    exact_programs_per_sm: int = 2  # exact-pass grid target
+    exact_min_split: int = 64  # fewest token slots per exact-pass program (multiple of BLOCK_N)
+    select_tile: int = 8192  # clusters per tile of the selection (held in registers)
+    select_warps: int = 16
+    fuse_select: bool = False  # the last score program of a row selects (one launch less)
+    fuse_merge: bool = False  # the last exact program of a row merges (one launch less)
+    merge_slice: int = 16  # head-dim columns per merge program
+    block_n: int = 64  # token slots per tile of the exact pass
+    prefetch: bool = False  # exact pass: the next tile's positions load with this tile's K/V
+
+
+TUNING = Tuning()
 
 
 @dataclass
@@ -52,6 +76,7 @@ class FusedLayout:
     order: torch.Tensor
     live: torch.Tensor
     workspace: dict[str, torch.Tensor] = field(default_factory=dict)
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def metadata_bytes(self, per_centroid: int) -> torch.Tensor:
         """``[B, H_kv]`` bytes of centroid data a step reads (computed once per layout)."""
@@ -60,11 +85,16 @@ class FusedLayout:
             self.workspace[name] = self.live * per_centroid
         return self.workspace[name]
 
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A scratch tensor kept across decode steps (allocated again only if shapes change)."""
-        t = self.workspace.get(name)
+    def buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False
+    ) -> torch.Tensor:
+        """A scratch tensor kept across decode steps and across the layouts of one index
+        (allocated again only if shapes change; ``zero``: zero-filled when allocated, e.g.
+        counters that the kernels reset)."""
+        t = self.scratch.get(name)
         if t is None or t.shape != shape or t.dtype != dtype:
-            t = self.workspace[name] = torch.empty(shape, dtype=dtype, device=self.sizes.device)
+            make = torch.zeros if zero else torch.empty
+            t = self.scratch[name] = make(shape, dtype=dtype, device=self.sizes.device)
         return t
 
     @classmethod
@@ -81,6 +111,7 @@ class FusedLayout:
             offsets=(sizes.cumsum(-1, dtype=torch.int32) - sizes).contiguous(),
             order=order.to(torch.int32).contiguous(),
             live=(sizes > 0).sum(-1),
+            scratch=index.fused_scratch,
         )
 
 
@@ -89,15 +120,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
-        return 8
-    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return 2 * per_sm
+    return per_sm * _num_sms(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
-def _per_split(total: int, rows: int, block: int, device: torch.device) -> tuple[int, int]:
-    """Items per split (a multiple of ``block``) and splits, so rows * splits fills the GPU."""
-    splits_wanted = max(1, _target_programs(device) // max(1, rows))
+def _per_split(total: int, rows: int, block: int, programs: int) -> tuple[int, int]:
+    """Items per split (a multiple of ``block``) and splits, so rows * splits ~ programs."""
+    splits_wanted = max(1, programs // max(1, rows))
     per = max(block, -(-total // splits_wanted))
     per = -(-per // block) * block
     return per, max(1, -(-total // per))
@@ -122,6 +155,7 @@ def fused_decode(
     max_recent: int,
     scale: float,
     replacement: bool,
+    tuning: Tuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Multipole decode step on the GPU (or the Triton interpreter).
 
@@ -134,6 +168,7 @@ def fused_decode(
         max_budget: an upper bound of ``budget`` (sizes the buffers; no sync).
         sink_tokens: sink length; max_recent: bound of the recent window (``2 * interval``).
         scale: softmax scale; replacement: add the far field.
+        tuning: launch shapes (default :data:`TUNING`).
     Returns:
         ``out [B, H_kv, G, D]`` (cache dtype), ``lse [B, H_kv, G]`` float32, ``count [B, H_kv]``
         tokens attended exactly and ``num_selected [B, H_kv]`` clusters selected.
@@ -144,6 +179,7 @@ def fused_decode(
     for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
         if not t.is_contiguous():
             raise ValueError(f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})")
+    tune = TUNING if tuning is None else tuning
     b, h, g, d = q.shape
     dev = q.device
     rows = b * h
@@ -154,7 +190,10 @@ def fused_decode(
     f32, i32 = torch.float32, torch.int32
     buf = layout.buffer
 
-    per_c, splits_c = _per_split(num_clusters, rows, BLOCK_C, dev)
+    # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
+    per_c, splits_c = _per_split(
+        num_clusters, rows, BLOCK_C, _target_programs(dev, tune.centroid_programs_per_sm)
+    )
     z = buf("z", (b, h, g, num_clusters), f32)
     m_c = buf("m_c", (rows, splits_c, g), f32)
     l_c = buf("l_c", (rows, splits_c, g), f32)
@@ -182,124 +221,154 @@ def fused_decode(
         num_warps=4,
     )
 
-    list_capacity = -(-max(max_budget, 1) // CHUNK) * CHUNK + CHUNK
-    exact_capacity = sink_tokens + max_recent
-    token_capacity = max_budget + exact_capacity
-    scratch_f = buf("score", (rows, num_clusters), f32)
-    mark = buf("mark", (rows, list_capacity), i32)
+    # 2. Scores and the far field reduced over the splits; 3. selection (maybe fused in 2).
+    list_capacity = max(1, min(num_clusters, max_budget))
+    block_n = tune.block_n
+    exact_capacity = -(-(sink_tokens + max_recent) // block_n) * block_n
+    token_capacity = exact_capacity + max_budget
+    score = buf("score", (rows, num_clusters), f32)
+    sel_first = buf("sel_first", (rows, list_capacity), i32)
     sel_base = buf("sel_base", (rows, list_capacity), i32)
     sel_cluster = buf("sel_cluster", (rows, list_capacity), i32)
-    tokens = buf("tokens", (rows, token_capacity), i32)
     count = buf("count", (rows,), i32)
     num_selected = buf("num_selected", (rows,), i32)
     far_m = buf("far_m", (rows, g), f32)
     far_l = buf("far_l", (rows, g), f32)
     far_acc = buf("far_acc", (rows, g, d), f32)
+    select_sem = buf("select_sem", (rows,), i32, zero=True)
+    tile = min(tune.select_tile, _pow2(num_clusters))
+    rows_g = _pow2(g, 1)
+    split_pad_c = _pow2(splits_c, 2)
+    selection = (
+        score,
+        layout.sizes,
+        layout.offsets,
+        budget,
+        seq_lens,
+        clustered_len,
+        sel_first,
+        sel_base,
+        sel_cluster,
+        count,
+        num_selected,
+    )
+    score_warps = tune.select_warps if tune.fuse_select else 4
     _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
         z,
         m_c,
         l_c,
-        scratch_f,
-        num_clusters,
-        g,
-        splits_c,
-        ROWS=_pow2(g, 1),
-        SPLIT_PAD=_pow2(splits_c, 2),
-        CHUNK=SCORE_CHUNK,
-        num_warps=4,
-    )
-    _select_kernel[(rows,)](
-        z,
-        layout.sizes,
-        layout.offsets,
-        layout.order,
-        layout.value_centroids,
-        m_c,
-        l_c,
-        seq_lens,
-        clustered_len,
-        budget,
-        scratch_f,
-        mark,
-        sel_base,
-        sel_cluster,
-        tokens,
-        count,
-        num_selected,
+        acc_c,
+        score,
         far_m,
         far_l,
         far_acc,
+        select_sem,
+        *selection[1:],
         h,
         num_clusters,
         g,
         splits_c,
-        token_capacity,
-        layout.order.shape[-1],
         list_capacity,
         sink_tokens,
         HEAD_DIM=d,
-        BLOCK_G=block_g,
-        BLOCK_D=block_d,
-        SPLIT_PAD=_pow2(splits_c, 2),
-        CLUSTER_PAD=_pow2(num_clusters),
-        CHUNK=CHUNK,
-        SEL_CHUNK=SEL_CHUNK,
-        EXACT_PAD=_pow2(exact_capacity),
+        ROWS=rows_g,
+        SPLIT_PAD=split_pad_c,
+        CHUNK=SCORE_CHUNK,
+        FAR_SLICE=min(FAR_SLICE, block_d),
+        FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
         WITH_FAR=replacement,
-        NATIVE_DOT=native,
-        BISECT_STEPS=BISECT_STEPS,
-        num_warps=SELECT_WARPS,
+        FUSE_SELECT=tune.fuse_select,
+        TILE=tile,
+        MAX_STEPS=MAX_BISECT_STEPS,
+        num_warps=score_warps,
     )
+    if not tune.fuse_select:
+        _select_kernel[(rows,)](
+            *selection,
+            h,
+            num_clusters,
+            list_capacity,
+            sink_tokens,
+            TILE=tile,
+            MAX_STEPS=MAX_BISECT_STEPS,
+            num_warps=tune.select_warps,
+        )
 
-    per_n, splits_n = _per_split(token_capacity, rows, TOKENS_PER_SPLIT, dev)
+    # 4. Exact pass over sink, recent window and selected tokens (minus their far field);
+    # 5. merge (maybe fused in 4).
+    per_n, splits_n = _per_split(
+        token_capacity,
+        rows,
+        -(-max(block_n, tune.exact_min_split) // block_n) * block_n,
+        _target_programs(dev, tune.exact_programs_per_sm),
+    )
     m_e = buf("m_e", (rows, splits_n, g), f32)
     l_e = buf("l_e", (rows, splits_n, g), f32)
     acc_e = buf("acc_e", (rows, splits_n, g, d), f32)
+    merge_sem = buf("merge_sem", (rows,), i32, zero=True)
+    out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
+    lse = torch.empty(b, h, g, device=dev, dtype=f32)
+    split_pad_n = _pow2(splits_n, 2)
+    merge = (far_m, far_l, far_acc, out, lse)
     _sparse_decode_kernel[(rows, splits_n)](
         q,
         keys,
         values,
-        tokens,
+        layout.order,
+        z,
+        sel_first,
+        sel_base,
+        sel_cluster,
         count,
+        num_selected,
+        seq_lens,
+        clustered_len,
         m_e,
         l_e,
         acc_e,
+        merge_sem,
+        *merge,
         scale,
+        h,
         g,
-        token_capacity,
+        num_clusters,
+        list_capacity,
+        layout.order.shape[-1],
         kv_capacity,
+        sink_tokens,
+        exact_capacity,
         per_n,
         splits_n,
         HEAD_DIM=d,
         BLOCK_G=block_g,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_D=block_d,
-        NATIVE_DOT=native,
-        num_warps=4,
-    )
-
-    out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
-    lse = torch.empty(b, h, g, device=dev, dtype=f32)
-    merge_d = min(32, block_d)
-    _merge_kernel[(rows, block_d // merge_d)](
-        m_e,
-        l_e,
-        acc_e,
-        m_c,
-        acc_c,
-        far_m,
-        far_l,
-        far_acc,
-        out,
-        lse,
-        g,
-        splits_n,
-        splits_c,
-        HEAD_DIM=d,
-        BLOCK_G=_pow2(g, 1),
-        BLOCK_D=merge_d,
-        SPLIT_CHUNK=max(1, 64 // _pow2(g, 1)),
+        WINDOW=2 * block_n,
+        RANK_CHUNK=RANK_CHUNK,
         WITH_FAR=replacement,
+        NATIVE_DOT=native,
+        PREFETCH=tune.prefetch,
+        FUSE_MERGE=tune.fuse_merge,
+        MERGE_G=rows_g,
+        SPLIT_PAD=split_pad_n,
+        SPLIT_CHUNK=max(1, min(split_pad_n, 8192 // (rows_g * block_d))),
         num_warps=4,
     )
+    if not tune.fuse_merge:
+        merge_d = min(tune.merge_slice, block_d)
+        _merge_kernel[(rows, block_d // merge_d)](
+            m_e,
+            l_e,
+            acc_e,
+            *merge,
+            g,
+            splits_n,
+            HEAD_DIM=d,
+            BLOCK_G=rows_g,
+            BLOCK_D=merge_d,
+            SPLIT_PAD=split_pad_n,
+            SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
+            WITH_FAR=replacement,
+            num_warps=4,
+        )
     return out, lse, count.view(b, h), num_selected.view(b, h)

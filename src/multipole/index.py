@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MultipoleConfig
+from .ops.kernel_utils import kernels_available
 from .ops.kmeans import cluster_means, hash_uniform, kmeans
 
 _COARSE_SALT = 0x5BD1E995
@@ -92,15 +93,23 @@ class _Blocks:
     max_tokens: int  # maxima known on the host: no device sync to size the work
     max_clusters: int
     max_new_clusters: int
+    max_new_tokens: int
+    max_coarse: int
 
     @classmethod
     def from_rows(cls, rows: list[tuple[int, ...]], device) -> _Blocks:
-        cols = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 9).to(device)
+        cols = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 9)
+        if device is not None and torch.device(device).type == "cuda":
+            cols = cols.pin_memory().to(device, non_blocking=True)  # asynchronous: no wait
+        elif device is not None:
+            cols = cols.to(device)  # (None: only the host-side maxima are needed)
         return cls(
             *cols.unbind(1),
             max_tokens=max(r[2] for r in rows),
             max_clusters=max(r[6] for r in rows),
             max_new_clusters=max(r[6] - r[5] for r in rows),
+            max_new_tokens=max(r[2] - r[3] for r in rows),
+            max_coarse=max(r[8] for r in rows),
         )
 
 
@@ -136,6 +145,8 @@ class ClusterIndex:
             if config.levels == 2
             else None
         )
+        # scratch buffers of the fused decode step, kept across the layouts of this index
+        self.fused_scratch: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ building
     def reserve_tokens(self, needed: int) -> None:
@@ -221,13 +232,115 @@ class ClusterIndex:
         if not rows:
             return
         device = self.labels.device
-        blocks = _Blocks.from_rows(rows, device)
+        kernels = self._kernels(cluster_keys)
+        blocks = _Blocks.from_rows(rows, None if kernels and self.level1 is None else device)
         self.level0.reserve(max(self.level0.count))
-        self._fit_level0(blocks, cluster_keys, values, attention_keys, iters)
+        if kernels:
+            self._fit_level0_kernels(rows, blocks, cluster_keys, values, attention_keys, iters)
+        else:
+            self._fit_level0(blocks, cluster_keys, values, attention_keys, iters)
         if self.level1 is not None:
             self.level1.reserve(max(self.level1.count))
             self.parent = grow(self.parent, 2, self.level0.sizes.shape[-1], -1)
             self._fit_level1(blocks)
+
+    def _kernels(self, cluster_keys: torch.Tensor) -> bool:
+        """Level-0 k-means on the Triton kernels: on CUDA unless ``backend="reference"``; on
+        the CPU (Triton interpreter) only with ``backend="triton"``; never for float64."""
+        backend, device = self.config.backend, cluster_keys.device
+        if backend == "reference" or cluster_keys.dtype == torch.float64:
+            return False
+        if not kernels_available(device):
+            return False
+        return device.type == "cuda" or backend == "triton"
+
+    def _fit_level0_kernels(
+        self,
+        rows: list[tuple[int, ...]],
+        blocks: _Blocks,
+        cluster_keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_keys: torch.Tensor | None,
+        iters: int,
+    ) -> None:
+        """``_fit_level0`` on the k-means kernels: points read in place from the cache, results
+        written straight into the index, per-group metadata built on the host and copied in
+        one transfer (no host synchronisation; about ten launches for an online update)."""
+        from .ops.kmeans import kernel as km
+
+        cfg, h, level = self.config, self.num_kv_heads, self.level0
+        stores = [cluster_keys, values, self.labels, level.key_centroids, level.value_centroids]
+        stores = [t if _rows_contiguous(t) else t.contiguous() for t in stores[:2]] + stores[2:]
+        cluster_keys, values = stores[:2]
+        if level.attention_key_centroids is not None:
+            assert attention_keys is not None
+            if not _rows_contiguous(attention_keys):
+                attention_keys = attention_keys.contiguous()
+            stores += [attention_keys, level.attention_key_centroids]
+        strides = [t.stride() for t in stores]
+        size_stride = level.sizes.stride()
+        # one row per field, one column per group (block x head): [fields, G] on the device
+        table = []
+        for b, token_start, size, old_tokens, c_start, k_old, k, _, _ in rows:
+            for head in range(h):
+                at = [b * st[0] + head * st[1] for st in strides]
+                table.append(
+                    (
+                        at[0] + token_start * strides[0][2],  # 0 cluster-key rows
+                        at[1] + token_start * strides[1][2],  # 1 value rows
+                        at[2] + token_start,  # 2 labels
+                        at[3] + c_start * strides[3][2],  # 3 key centroids
+                        at[4] + c_start * strides[4][2],  # 4 value centroids
+                        b * size_stride[0] + head * size_stride[1] + c_start,  # 5 sizes
+                        c_start,  # 6 label offset
+                        size,  # 7 points
+                        k,  # 8 clusters
+                        k_old,  # 9 kept clusters
+                        old_tokens,  # 10 first new point
+                        token_start + old_tokens,  # 11 position of the first new point
+                        size - old_tokens,  # 12 new points
+                        self.first_head + head,  # 13 global head
+                        *(
+                            (at[5] + token_start * strides[5][2], at[6] + c_start * strides[6][2])
+                            if len(stores) > 5
+                            else ()
+                        ),  # 14, 15 attention-key rows and centroids
+                    )
+                )
+        meta = torch.tensor(table, dtype=torch.int64).t().contiguous()
+        if meta.device != cluster_keys.device:
+            meta = meta.pin_memory().to(cluster_keys.device, non_blocking=True)
+        n_max, k_max = blocks.max_tokens, blocks.max_clusters
+        num_points, num_clusters = meta[7].to(torch.int32), meta[8].to(torch.int32)
+        keys = km.Points(cluster_keys, meta[0], num_points, n_max)
+
+        # Seeds of the clusters new in this fit: the new tokens of highest priority.
+        width = max(1, blocks.max_new_tokens)
+        prio = km.priority(cfg.seed, meta[13], meta[11], meta[12], width)
+        seeds = prio.topk(max(1, min(blocks.max_new_clusters, width)), dim=-1).indices
+        init = km.init_centroids(
+            keys, meta[10], seeds, (level.key_centroids, meta[3]), meta[9], num_clusters, k_max
+        )
+        labels, _, _ = km.lloyd(
+            keys,
+            init,
+            num_clusters,
+            iters,
+            final=dict(
+                labels=(self.labels, meta[2], meta[6]),
+                centroids=(level.key_centroids, meta[3]),
+                sizes=(level.sizes, meta[5]),
+            ),
+            values=(km.Points(values, meta[1], num_points, n_max), level.value_centroids, meta[4]),
+        )
+        if len(stores) > 5:
+            km.member_means(
+                km.Points(attention_keys, meta[14], num_points, n_max),
+                labels,
+                num_clusters,
+                k_max,
+                out=(level.attention_key_centroids, meta[15]),
+            )
 
     def _fit_level0(
         self,
@@ -336,6 +449,7 @@ class ClusterIndex:
             cfg.kmeans_iters,
             weights=weights.flatten(0, 1),
             priority=priority.flatten(0, 1),
+            num_slots=blocks.max_coarse,
         )
         k1 = result.centroids.shape[1]
         local = result.labels.view(nb, h, k_max)
@@ -384,6 +498,11 @@ def grow(t: torch.Tensor, dim: int, needed: int, fill: float) -> torch.Tensor:
     return out
 
 
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """``[B, H, N, D]`` with contiguous rows of D (strides of any B/H layout)."""
+    return t.stride(-1) == 1 and t.stride(2) == t.shape[-1]
+
+
 def _gather_rows(store: torch.Tensor, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``store[seq[i], :, index[i, j]]`` as ``[nb, H, n, ...]`` for ``store [B, H, N, ...]``."""
     out = store[seq.unsqueeze(1), :, index]  # [nb, n, H, ...]
@@ -397,10 +516,30 @@ def _scatter_rows(
     data: torch.Tensor,
     mask: torch.Tensor,
 ) -> None:
-    """``store[seq[i], h, index[i, j]] = data[i, h, j]`` wherever ``mask[i, j]``."""
+    """``store[seq[i], h, index[i, j]] = data[i, h, j]`` wherever ``mask[i, j]``.
+
+    On a GPU without host synchronisation (no ``nonzero``): every (i, j) takes part, masked
+    ones adding 0.
+    Masked entries may alias written ones (their indices are clamped into the store), so the
+    write is two exact accumulations: the targets go to 0 (each adds minus its current value
+    once), then the data is added."""
     h = store.shape[1]
-    rows, cols = mask.nonzero(as_tuple=True)
-    b = seq[rows].unsqueeze(1).expand(-1, h)
-    heads = torch.arange(h, device=store.device).unsqueeze(0).expand(rows.shape[0], -1)
-    pos = index[rows, cols].unsqueeze(1).expand(-1, h)
-    store[b, heads, pos] = data[rows, :, cols].to(store.dtype)
+    if store.device.type == "cpu":  # nothing to synchronise with: compact the writes
+        rows, cols = mask.nonzero(as_tuple=True)
+        b = seq[rows].unsqueeze(1).expand(-1, h)
+        heads = torch.arange(h, device=store.device).unsqueeze(0).expand(rows.shape[0], -1)
+        pos = index[rows, cols].unsqueeze(1).expand(-1, h)
+        store[b, heads, pos] = data[rows, :, cols].to(store.dtype)
+        return
+    nb, n = index.shape
+    where = (
+        seq.view(nb, 1, 1).expand(nb, h, n),
+        torch.arange(h, device=store.device).view(1, h, 1).expand(nb, h, n),
+        index.clamp_max(store.shape[2] - 1).view(nb, 1, n).expand(nb, h, n),
+    )
+    keep = mask.view(nb, 1, n, *([1] * (data.dim() - 3)))
+    current = store[where]
+    store.index_put_(where, torch.where(keep, -current, torch.zeros_like(current)), accumulate=True)
+    store.index_put_(
+        where, torch.where(keep, data.to(store.dtype), torch.zeros_like(current)), accumulate=True
+    )

@@ -133,3 +133,35 @@ def test_decode_steps_do_not_sync_with_the_host(gen):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert state.clustered_len == [320, 320]  # no update ran in between
+
+
+TUNINGS = {
+    # the last program of a row selects / merges; a selection over several tiles; many small
+    # exact-pass programs with 32-slot tiles; one long exact-pass program per row
+    "fused": dict(fuse_select=True, fuse_merge=True),
+    "tiles": dict(select_tile=128, select_warps=4, block_n=32, exact_programs_per_sm=8),
+    "long": dict(exact_min_split=4096, centroid_programs_per_sm=1),
+}
+
+
+@pytest.mark.parametrize("name", list(TUNINGS))
+def test_launch_variants_match_reference(gen, name, monkeypatch):
+    """Many small clusters (ratio 1/2), so one tile of the exact pass holds tokens of many
+    clusters and the selected list is longer than a window."""
+    from multipole import fused
+
+    monkeypatch.setattr(fused, "TUNING", fused.Tuning(**TUNINGS[name]))
+    device = _device()
+    cfg = dataclasses.replace(BASE, centroid_ratio=0.5, token_budget=300)
+    k, v = _planted(gen, 2, 1, 560, 16, torch.float32)
+    state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=[560, 523])
+    q = (torch.randn(2, 4, 16, generator=gen) * 2).to(device)
+    ref = _run(state, q, "reference")
+    ref_reads = state._reads
+    out = _run(state, q, "triton")
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(state._reads.tokens_exact.cpu(), ref_reads.tokens_exact.cpu().int())
+    assert torch.equal(
+        state._reads.clusters_selected.cpu(), ref_reads.clusters_selected.cpu().int()
+    )
+    assert int(ref_reads.clusters_selected.min()) > 128  # longer than a window of the list

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from multipole import MultipoleConfig, MultipoleState
+from multipole import MultipoleConfig, MultipoleState, fused
 
 H_Q, H_KV, HEAD_DIM = 32, 8, 128
 
@@ -129,7 +129,10 @@ def bench_step(context: int, batch: int, budget: int | float, args) -> list[dict
 
 
 def bench_update(args) -> dict:
-    """One online update per layer: an open block of 8064 tokens receives 128 more."""
+    """One online update per layer (k-means kernels): an open block of 8064 tokens receives
+    128 more; the time covers the update and one decode step (median of 3 after a warm-up).
+    The cache is full after prefill, so the append also pays the cache's doubling, which a
+    state pays once per doubling (``benchmarks/profile_step.py --update`` times without)."""
     times = []
     n = 16 + 8064 + 255
     for seed in range(4):
@@ -151,6 +154,43 @@ def bench_update(args) -> dict:
     return dict(update_plus_one_step_ms=sorted(times[1:])[len(times[1:]) // 2], runs_ms=times)
 
 
+def apply_tuning(path: str) -> None:
+    """Set ``multipole.fused.TUNING`` and the k-means block sizes from a JSON file."""
+    from multipole.ops.kmeans import kernel as km
+
+    with open(path) as f:
+        tuning = json.load(f)
+    fused.TUNING = fused.Tuning(**tuning.get("fused", {}))
+    for name, value in tuning.get("kmeans", {}).items():
+        setattr(km, name, value)
+
+
+def bench_prefill(contexts: list[int]) -> dict:
+    """Clustering at prefill, one layer, batch 1 (``MultipoleState.prefill``: k-means of every
+    block and head, value centroids, index; median of 3 after a warm-up)."""
+    out = {}
+    for context in contexts:
+        gen = torch.Generator(device="cuda").manual_seed(context)
+        k = torch.randn(
+            1, H_KV, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen
+        )
+        cfg = MultipoleConfig(backend="triton")
+        MultipoleState.prefill(k, k, cfg)  # warm-up (kernel compilation)
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            MultipoleState.prefill(k, k, cfg)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        out[str(context)] = sorted(times)[1]
+        del k
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the kernel benchmark (needs a CUDA device); ``argv`` as after ``bench kernels``."""
     if not torch.cuda.is_available():
@@ -161,7 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", default="128,0.05")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--out", default="kernels.json")
+    parser.add_argument(
+        "--tuning",
+        default=None,
+        help="JSON file: launch shapes ({'fused': {...}, 'kmeans': {...}})",
+    )
     args = parser.parse_args(argv)
+    if args.tuning:
+        apply_tuning(args.tuning)
     sha = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -176,6 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         ),
     )
     meta["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+    from multipole.ops.kmeans import kernel as km
+
+    meta["tuning"] = dict(
+        fused=dataclasses.asdict(fused.TUNING),
+        kmeans={
+            n: getattr(km, n) for n in ("BLOCK_N", "BLOCK_K", "ASSIGN_BLOCK_N", "ASSIGN_BLOCK_K")
+        },
+    )
     rows = []
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
@@ -192,10 +247,12 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.out, "w") as f:
                     json.dump(dict(meta=meta, rows=rows), f, indent=1)
     meta["online_update"] = bench_update(args)
+    meta["prefill_clustering_ms"] = bench_prefill(list(map(int, args.contexts.split(","))))
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     bw = meta["copy_bandwidth_GBps"]
     print(f"\n{meta['gpu']}  copy {bw:.0f} GB/s  update {meta['online_update']}")
+    print(f"prefill clustering per layer, batch 1 (ms): {meta['prefill_clustering_ms']}")
     header = ("ctx", "B", "budget", "method", "ms", "eager", "x sdpa", "GB/s", "read", "err")
     print("{:>7} {:>3} {:>6} {:<14} {:>8} {:>8} {:>7} {:>6} {:>6} {:>8}".format(*header))
     for r in rows:

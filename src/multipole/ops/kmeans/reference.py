@@ -150,6 +150,7 @@ def kmeans(
     weights: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
     priority: torch.Tensor | None = None,
+    num_slots: int | None = None,
 ) -> KMeansResult:
     """Lloyd's k-means on many independent groups at once.
 
@@ -167,6 +168,8 @@ def kmeans(
         init: ``[G, K, D]`` initial centroids. Exactly one of ``init`` / ``priority``.
         priority: ``[G, n]`` seeding scores: the ``num_clusters`` valid points of highest
             priority are the initial centroids (pass random numbers for random seeding).
+        num_slots: with ``priority``, the number of cluster slots K (at least
+            ``num_clusters.max()``); given, no host synchronisation reads that maximum.
     Returns:
         :class:`KMeansResult`.
     """
@@ -184,7 +187,7 @@ def kmeans(
         weights = torch.ones(g, n, dtype=torch.float32, device=points.device)
     if init is None:
         assert priority is not None
-        k = max(int(num_clusters.max()), 1)
+        k = max(int(num_clusters.max()) if num_slots is None else num_slots, 1)
         seed_order = priority.masked_fill(weights <= 0, float("-inf")).topk(min(k, n), dim=-1)
         init = points.float().gather(1, seed_order.indices.unsqueeze(-1).expand(-1, -1, d))
     k = init.shape[1]

@@ -1,12 +1,16 @@
-"""Triton kernels of the lookup: one pass over the centroids, then selection to the budget.
+"""Triton kernels of the lookup: one pass over the centroids, scores, selection to the budget.
 
-``centroid_pass`` reads every key and value centroid once per (sequence, KV head) and produces
-the logits of every query head of the group against every cluster plus, in the same pass, the
-partial softmax state of the far field over *all* clusters. ``select_clusters`` then ranks the
-clusters (the paper's eq. 1), finds the budget threshold by bisection (no sort), writes the
-positions of every token to attend exactly (sink, recent window, tokens of the selected
-clusters, compacted) and subtracts the selected clusters from the far-field state. Shapes are
-fixed by capacities, never by data, so a decode step needs no host synchronisation.
+``_centroid_pass_kernel`` reads every key and value centroid once per (sequence, KV head) and
+produces the logits of every query head of the group against every cluster plus, in the same
+pass, the partial softmax state of the far field over *all* clusters, split over programs.
+``_score_kernel`` (many programs per row) ranks the clusters (the paper's eq. 1) and reduces the
+far-field splits to one state per row. ``_select_kernel`` (one program per row, or the last
+score program of the row when fused) finds the budget threshold by bisection on the score
+values (no sort) and writes the compact list of selected clusters: for each, its first slot in
+the list of selected tokens, where its tokens start in the cluster-sorted order, and its id.
+Token positions are expanded by the exact pass itself (``ops/decode/kernel.py``), which also
+subtracts the selected clusters' far-field terms. Shapes are fixed by capacities, never by
+data, so a decode step needs no host synchronisation.
 """
 
 from __future__ import annotations
@@ -15,11 +19,6 @@ import triton
 import triton.language as tl
 
 from ..kernel_utils import dot, load_rows, softmax_update, store_partial
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -88,33 +87,73 @@ def _centroid_pass_kernel(
 
 
 @triton.jit
-def _score_kernel(
-    Z,
-    M_PART,
-    L_PART,
-    SCORE,
-    num_clusters,
-    group,
-    num_splits,
-    ROWS: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,
-    CHUNK: tl.constexpr,
+def _split_state(
+    M_PART, L_PART, bh, num_splits, group, ROWS: tl.constexpr, SPLIT_PAD: tl.constexpr
 ):
-    """Score of every cluster, ``log sum_g exp(z[g, c] - lse[g])`` (the log of the paper's
-    eq. 1 summed over the group); dead clusters get ``-inf``. Grid: (rows, cluster chunks)."""
-    bh = tl.program_id(0).to(tl.int64)
+    """Max and sum ``[ROWS]`` of one row's softmax state over all its centroid-pass splits."""
     offs_g = tl.arange(0, ROWS)
-    mask_g = offs_g < group
     offs_s = tl.arange(0, SPLIT_PAD)
     part = (bh * num_splits + offs_s)[:, None] * group + offs_g[None, :]
-    mask_sg = (offs_s < num_splits)[:, None] & mask_g[None, :]
+    mask_sg = (offs_s < num_splits)[:, None] & (offs_g < group)[None, :]
     m_s = tl.load(M_PART + part, mask=mask_sg, other=float("-inf"))  # [SPLIT, G]
     l_s = tl.load(L_PART + part, mask=mask_sg, other=0.0)
     m = tl.max(m_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(l_s * tl.exp(m_s - m_safe[None, :]), axis=0)
+    return m, m_safe, den
+
+
+@triton.jit
+def _score_kernel(
+    Z,
+    M_PART,
+    L_PART,
+    ACC_PART,
+    SCORE,
+    FAR_M,
+    FAR_L,
+    FAR_ACC,
+    SEMAPHORE,
+    SIZES,
+    OFFSETS,
+    BUDGET,
+    SEQ_LENS,
+    CLUSTERED,
+    SEL_FIRST,
+    SEL_BASE,
+    SEL_CLUSTER,
+    COUNT,
+    NUM_SELECTED,
+    num_kv_heads,
+    num_clusters,
+    group,
+    num_splits,
+    list_capacity,
+    sink,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FAR_SLICE: tl.constexpr,
+    FAR_SPLITS: tl.constexpr,
+    WITH_FAR: tl.constexpr,
+    FUSE_SELECT: tl.constexpr,
+    TILE: tl.constexpr,
+    MAX_STEPS: tl.constexpr,
+):
+    """Score of every cluster, ``log sum_g exp(z[g, c] - lse[g])`` (the log of the paper's
+    eq. 1 summed over the group; dead clusters get ``-inf``), and the far-field state of all
+    clusters reduced over the centroid-pass splits (program ``j`` of a row reduces head-dim
+    slices ``j, j + chunks, ...``). Grid: (rows, cluster chunks). With ``FUSE_SELECT`` the last
+    program of a row to finish runs the selection (``_select_row``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    offs_g = tl.arange(0, ROWS)
+    mask_g = offs_g < group
+    m, m_safe, den = _split_state(M_PART, L_PART, bh, num_splits, group, ROWS, SPLIT_PAD)
     lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), 0.0)
-    cs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    cs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask_c = cs < num_clusters
     z = tl.load(
         Z + (bh * group + offs_g[:, None]) * num_clusters + cs[None, :],
@@ -128,162 +167,238 @@ def _score_kernel(
     score = tl.where(mass > 0, x_safe + tl.log(tl.where(mass > 0, mass, 1.0)), float("-inf"))
     tl.store(SCORE + bh * num_clusters + cs, score, mask=mask_c)
 
+    if WITH_FAR:
+        far = bh * group + offs_g
+        if chunk == 0:
+            tl.store(FAR_M + far, m, mask=mask_g)
+            tl.store(FAR_L + far, den, mask=mask_g)
+        offs_f = tl.arange(0, FAR_SPLITS)
+        offs_d = tl.arange(0, FAR_SLICE)
+        for d0 in range(chunk * FAR_SLICE, HEAD_DIM, num_chunks * FAR_SLICE):
+            dd = d0 + offs_d
+            acc = tl.zeros([ROWS, FAR_SLICE], tl.float32)
+            for s0 in range(0, num_splits, FAR_SPLITS):
+                ss = s0 + offs_f
+                part = (bh * num_splits + ss)[:, None] * group + offs_g[None, :]  # [S, G]
+                mask_sg = (ss < num_splits)[:, None] & mask_g[None, :]
+                w = tl.exp(
+                    tl.load(M_PART + part, mask=mask_sg, other=float("-inf")) - m_safe[None, :]
+                )
+                a = tl.load(
+                    ACC_PART + part[:, :, None] * HEAD_DIM + dd[None, None, :],
+                    mask=mask_sg[:, :, None] & (dd < HEAD_DIM)[None, None, :],
+                    other=0.0,
+                )  # [S, G, SLICE]
+                acc += tl.sum(w[:, :, None] * a, 0)
+            tl.store(
+                FAR_ACC + far[:, None] * HEAD_DIM + dd[None, :],
+                acc,
+                mask=mask_g[:, None] & (dd < HEAD_DIM)[None, :],
+            )
+
+    if FUSE_SELECT:
+        # The last program of this row to get here selects (it sees every program's scores).
+        tl.debug_barrier()
+        done = tl.atomic_add(SEMAPHORE + bh, 1, sem="acq_rel")
+        if done == num_chunks - 1:
+            tl.store(SEMAPHORE + bh, 0)
+            _select_row(
+                bh,
+                SCORE,
+                SIZES,
+                OFFSETS,
+                BUDGET,
+                SEQ_LENS,
+                CLUSTERED,
+                SEL_FIRST,
+                SEL_BASE,
+                SEL_CLUSTER,
+                COUNT,
+                NUM_SELECTED,
+                num_kv_heads,
+                num_clusters,
+                list_capacity,
+                sink,
+                TILE,
+                MAX_STEPS,
+                ".cg",
+            )
+
 
 @triton.jit
 def _select_kernel(
-    Z,
+    SCORE,
     SIZES,
     OFFSETS,
-    ORDER,
-    VC,
-    M_PART,
-    L_PART,
+    BUDGET,
     SEQ_LENS,
     CLUSTERED,
-    BUDGET,
-    SCORE,
-    MARK,
+    SEL_FIRST,
     SEL_BASE,
     SEL_CLUSTER,
-    TOKENS,
     COUNT,
     NUM_SELECTED,
-    FAR_M,
-    FAR_L,
-    FAR_ACC,
     num_kv_heads,
     num_clusters,
-    group,
-    num_splits,
-    token_capacity,
-    order_capacity,
     list_capacity,
     sink,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,
-    CLUSTER_PAD: tl.constexpr,
-    CHUNK: tl.constexpr,
-    SEL_CHUNK: tl.constexpr,
-    EXACT_PAD: tl.constexpr,
-    WITH_FAR: tl.constexpr,
-    NATIVE_DOT: tl.constexpr,
-    BISECT_STEPS: tl.constexpr,
+    TILE: tl.constexpr,
+    MAX_STEPS: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
+    """Selection of one (sequence, KV head) per program (see ``_select_row``)."""
+    _select_row(
+        tl.program_id(0).to(tl.int64),
+        SCORE,
+        SIZES,
+        OFFSETS,
+        BUDGET,
+        SEQ_LENS,
+        CLUSTERED,
+        SEL_FIRST,
+        SEL_BASE,
+        SEL_CLUSTER,
+        COUNT,
+        NUM_SELECTED,
+        num_kv_heads,
+        num_clusters,
+        list_capacity,
+        sink,
+        TILE,
+        MAX_STEPS,
+        "",
+    )
+
+
+@triton.jit
+def _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE: tl.constexpr, CACHE: tl.constexpr):
+    """Scores and sizes of clusters ``c0 .. c0 + TILE`` of a row (dead ones: ``-inf``, 0)."""
+    cs = c0 + tl.arange(0, TILE)
+    mask = cs < num_clusters
+    s = tl.load(SCORE + row + cs, mask=mask, other=float("-inf"), cache_modifier=CACHE)
+    w = tl.load(SIZES + row + cs, mask=mask, other=0)
+    w = tl.where(s > float("-inf"), w, 0)
+    return s, w
+
+
+@triton.jit
+def _combine_stats(h1, lo1, up1, h2, lo2, up2):
+    return h1 + h2, tl.maximum(lo1, lo2), tl.minimum(up1, up2)
+
+
+@triton.jit
+def _bisect_stats(s, w, lo, mid, hi):
+    """Over one tile: total size of scores above ``mid``, the largest score in ``(lo, mid]``
+    and the smallest in ``(mid, hi]`` (one reduction of the three)."""
+    above = s > mid
+    return tl.reduce(
+        (
+            tl.where(above, w, 0),
+            tl.where((s > lo) & ~above, s, float("-inf")),
+            tl.where(above & (s <= hi), s, float("inf")),
+        ),
+        0,
+        _combine_stats,
+    )
+
+
+@triton.jit
+def _select_row(
+    bh,
+    SCORE,
+    SIZES,
+    OFFSETS,
+    BUDGET,
+    SEQ_LENS,
+    CLUSTERED,
+    SEL_FIRST,
+    SEL_BASE,
+    SEL_CLUSTER,
+    COUNT,
+    NUM_SELECTED,
+    num_kv_heads,
+    num_clusters,
+    list_capacity,
+    sink,
+    TILE: tl.constexpr,
+    MAX_STEPS: tl.constexpr,
+    CACHE: tl.constexpr,
+):
+    """Budget selection of one row: the largest set ``{score > t}`` whose sizes fit in the
+    budget, by bisection on the score values (each step halves the span of the scores still
+    undecided, so it stops once they are one value), then compaction in cluster order.
+
+    For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
+    slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
+    ``s`` is ``ORDER[SEL_BASE[r] + s]``) and ``SEL_CLUSTER[r]``; then ``COUNT`` (sink, recent
+    window and selected tokens) and ``NUM_SELECTED``.
+    """
     b = bh // num_kv_heads
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < group
-    mask_d = offs_d < HEAD_DIM
+    budget = tl.load(BUDGET + b)
+    row = bh * num_clusters
+    one_tile = num_clusters <= TILE
+    s_all, w_all = _row_tile(SCORE, SIZES, row, 0, num_clusters, TILE, CACHE)
+
+    # 1. Live total, highest and lowest live score.
+    total = tl.sum(w_all)
+    s_max = tl.max(s_all)
+    s_min = tl.min(tl.where(s_all > float("-inf"), s_all, float("inf")))
+    if not one_tile:
+        for c0 in range(TILE, num_clusters, TILE):
+            s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+            total += tl.sum(w)
+            s_max = tl.maximum(s_max, tl.max(s))
+            s_min = tl.minimum(s_min, tl.min(tl.where(s > float("-inf"), s, float("inf"))))
+
+    # 2. Threshold. Invariant: {s > hi} fits, {s > lo} does not; the undecided scores, those
+    # in (lo, hi], span [b_min, b_max].
+    threshold = tl.full((), float("-inf"), tl.float32)
+    if total > budget:
+        lo = tl.full((), float("-inf"), tl.float32)
+        hi = s_max
+        b_min = s_min
+        b_max = s_max
+        steps = tl.full((), 0, tl.int32)
+        while (b_min < b_max) & (steps < MAX_STEPS):
+            mid = 0.5 * b_min + 0.5 * b_max
+            mid = tl.where(mid >= b_max, b_min, mid)
+            heavy, lower, upper = _bisect_stats(s_all, w_all, lo, mid, hi)
+            if not one_tile:
+                for c0 in range(TILE, num_clusters, TILE):
+                    s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                    h_t, l_t, u_t = _bisect_stats(s, w, lo, mid, hi)
+                    heavy += h_t
+                    lower = tl.maximum(lower, l_t)
+                    upper = tl.minimum(upper, u_t)
+            fits = heavy <= budget
+            hi = tl.where(fits, mid, hi)
+            b_max = tl.where(fits, lower, b_max)
+            lo = tl.where(fits, lo, mid)
+            b_min = tl.where(fits, b_min, upper)
+            steps += 1
+        threshold = hi
+
+    # 3. Compaction in cluster order: rank and first slot of every selected cluster.
+    offs = tl.arange(0, TILE)
+    list_base = bh * list_capacity
+    rank0 = 0
+    slot0 = 0
+    for c0 in range(0, num_clusters, TILE):
+        if c0 > 0:
+            s_all, w_all = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+        cs = c0 + offs
+        selected = s_all > threshold
+        sel_w = tl.where(selected, w_all, 0)
+        rank = rank0 + tl.cumsum(selected.to(tl.int32), axis=0) - 1
+        first = slot0 + tl.cumsum(sel_w, axis=0) - sel_w
+        offset = tl.load(OFFSETS + row + cs, mask=selected, other=0)
+        tl.store(SEL_FIRST + list_base + rank, first, mask=selected)
+        tl.store(SEL_BASE + list_base + rank, offset - first, mask=selected)
+        tl.store(SEL_CLUSTER + list_base + rank, cs, mask=selected)
+        rank0 += tl.sum(selected.to(tl.int32))
+        slot0 += tl.sum(sel_w)
+
     seq_len = tl.load(SEQ_LENS + b)
     clustered = tl.load(CLUSTERED + b)
-    budget = tl.load(BUDGET + b)
-
-    # 1. Softmax state of all clusters from the centroid pass splits: [BLOCK_G].
-    offs_s = tl.arange(0, SPLIT_PAD)
-    mask_s = offs_s < num_splits
-    part = (bh * num_splits + offs_s)[:, None] * group + offs_g[None, :]
-    mask_sg = mask_s[:, None] & mask_g[None, :]
-    m_s = tl.load(M_PART + part, mask=mask_sg, other=float("-inf"))  # [SPLIT, G]
-    l_s = tl.load(L_PART + part, mask=mask_sg, other=0.0)
-    m = tl.max(m_s, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_s = tl.exp(m_s - m_safe[None, :])
-    den = tl.sum(l_s * w_s, axis=0)
-
-    # 2. Scores come from _score_kernel (all clusters, many programs).
-    offs_k = tl.arange(0, CHUNK)
-
-    # 3. Threshold: the largest set {score > t} whose sizes fit in the budget, by bisection.
-    offs_all = tl.arange(0, CLUSTER_PAD)
-    mask_all = offs_all < num_clusters
-    score = tl.load(SCORE + bh * num_clusters + offs_all, mask=mask_all, other=float("-inf"))
-    size = tl.load(SIZES + bh * num_clusters + offs_all, mask=mask_all, other=0)
-    live = score > float("-inf")
-    total = tl.sum(tl.where(live, size, 0))
-    hi = tl.where(total > 0, tl.max(score), 0.0)
-    lo = tl.where(total > 0, tl.min(tl.where(live, score, float("inf"))) - 1.0, 0.0)
-    for _ in range(BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        fits = tl.sum(tl.where(score > mid, size, 0)) <= budget
-        hi = tl.where(fits, mid, hi)
-        lo = tl.where(fits, lo, mid)
-    threshold = tl.where(total <= budget, float("-inf"), hi)
-    selected = live & (score > threshold)
-
-    # 4. Compact: rank and first output slot of every selected cluster.
-    sel_size = tl.where(selected, size, 0)
-    rank = tl.cumsum(selected.to(tl.int32), axis=0) - 1
-    first_slot = tl.cumsum(sel_size, axis=0) - sel_size
-    num_selected = tl.sum(selected.to(tl.int32))
-    selected_tokens = tl.sum(sel_size)
-    offset = tl.load(OFFSETS + bh * num_clusters + offs_all, mask=mask_all, other=0)
-    list_base = bh * list_capacity
-    tl.store(SEL_CLUSTER + list_base + rank, offs_all, mask=selected)
-    # token at slot s of cluster c sits at ORDER[offset[c] + s - first_slot[c]]
-    tl.store(SEL_BASE + list_base + rank, offset - first_slot, mask=selected)
-    for s0 in range(0, selected_tokens, CHUNK):
-        tl.store(MARK + list_base + s0 + offs_k, tl.zeros([CHUNK], tl.int32))
-    tl.debug_barrier()
-    tl.store(MARK + list_base + first_slot, rank + 1, mask=selected & (sel_size > 0))
-    tl.debug_barrier()
-
-    # 5. Token positions: sink, recent window, then the selected clusters' tokens.
-    num_sink = tl.minimum(sink, seq_len)
-    recent_start = sink + clustered
-    num_recent = tl.maximum(seq_len - recent_start, 0)
-    num_exact = num_sink + num_recent
-    offs_e = tl.arange(0, EXACT_PAD)
-    out_base = bh * token_capacity
-    for e0 in range(0, num_exact, EXACT_PAD):
-        e = e0 + offs_e
-        pos = tl.where(e < num_sink, e, recent_start + e - num_sink)
-        tl.store(TOKENS + out_base + e, pos.to(tl.int32), mask=e < num_exact)
-    carry = tl.zeros([], tl.int32)
-    for s0 in range(0, selected_tokens, CHUNK):
-        slots = s0 + offs_k
-        mask_slot = slots < selected_tokens
-        mark = tl.load(MARK + list_base + slots, mask=mask_slot, other=0)
-        owner = tl.maximum(tl.associative_scan(mark, 0, _maximum), carry) - 1
-        carry = tl.max(owner) + 1
-        base = tl.load(SEL_BASE + list_base + owner, mask=mask_slot & (owner >= 0), other=0)
-        pos = tl.load(ORDER + bh * order_capacity + base + slots, mask=mask_slot, other=0)
-        tl.store(TOKENS + out_base + num_exact + slots, pos, mask=mask_slot)
-    tl.store(COUNT + bh, num_exact + selected_tokens)
-    tl.store(NUM_SELECTED + bh, num_selected)
-
-    # 6. Far field of the unselected clusters = all clusters minus the selected ones. The
-    # accumulators of all clusters stay in the centroid pass's splits (the merge sums them);
-    # here only the selected clusters' part is computed, to be subtracted.
-    if WITH_FAR:
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        offs_r = tl.arange(0, SEL_CHUNK)
-        for r0 in range(0, num_selected, SEL_CHUNK):
-            ranks = r0 + offs_r
-            mask_r = ranks < num_selected
-            cs = tl.load(SEL_CLUSTER + list_base + ranks, mask=mask_r, other=0)
-            rows = bh * num_clusters + cs
-            n = tl.load(SIZES + rows, mask=mask_r, other=0).to(tl.float32)
-            z = tl.load(
-                Z + (bh * group + offs_g[:, None]) * num_clusters + cs[None, :],
-                mask=mask_g[:, None] & mask_r[None, :],
-                other=float("-inf"),
-            )
-            p = n[None, :] * tl.exp(z - m_safe[:, None])  # [G, SEL_CHUNK]
-            vc = tl.load(
-                VC + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=mask_r[:, None] & mask_d[None, :],
-                other=0.0,
-            )
-            den -= tl.sum(p, axis=1)
-            acc -= dot(p.to(vc.dtype), vc, NATIVE_DOT)
-        far = bh * group + offs_g
-        tl.store(FAR_M + far, m, mask=mask_g)
-        tl.store(FAR_L + far, tl.maximum(den, 0.0), mask=mask_g)
-        tl.store(
-            FAR_ACC + far[:, None] * HEAD_DIM + offs_d[None, :],
-            acc,
-            mask=mask_g[:, None] & mask_d[None, :],
-        )
+    num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)
+    tl.store(COUNT + bh, (num_exact + slot0).to(tl.int32))
+    tl.store(NUM_SELECTED + bh, rank0.to(tl.int32))
