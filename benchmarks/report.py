@@ -137,6 +137,39 @@ def eval_table(path: str) -> str:
     return "\n".join(lines)
 
 
+def decode_table(path: str) -> str:
+    with open(path) as f:
+        report = json.load(f)
+    meta = report["meta"]
+    v = meta["versions"]
+    lines = [
+        f"{meta['gpu']}, {meta['arch']} with random {meta['dtype']} weights, torch {v['torch']}, "
+        f"transformers {v['transformers']}, {meta['utc'][:10]}; budget "
+        f"{meta['config']['token_budget']}, centroid ratio "
+        f"1/{round(1 / meta['config']['centroid_ratio'])}, {meta['steps']} timed "
+        f"steps after {meta['warmup']} warm-up steps; {meta['execution']}. Dense: "
+        f"{meta['dense_cache']}. Command: `{meta['command']}`.",
+        "",
+        "| context | batch | layers | dense ms | multipole ms | speed-up (median) | speed-up "
+        "(mean, with the online update) | multipole tok/s | KV read | prompt clustering s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = report["rows"]
+    for dense in (r for r in rows if r["method"] == "dense"):
+        key = (dense["context"], dense["batch"])
+        ours = next(
+            r for r in rows if r["method"] == "multipole" and (r["context"], r["batch"]) == key
+        )
+        lines.append(
+            f"| {dense['context'] // 1024}K | {dense['batch']} | {ours['layers_run']}/"
+            f"{ours['layers_full']} | {dense['median_ms']:.1f} | {ours['median_ms']:.1f} | "
+            f"{ours['speedup_vs_dense']:.2f}x | {ours['speedup_vs_dense_mean']:.2f}x | "
+            f"{ours['tokens_per_s']:.0f} | {ours['read_fraction']:.1%} | "
+            f"{ours['clustering_ms'] / 1e3:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _fraction(label: str) -> float:
     return 1.0 if "@1/" not in label else 1 / float(label.split("@1/")[1])
 
@@ -150,6 +183,8 @@ def render(path: str) -> str:
         return needle_table(path)
     if "rows" in report and report["rows"] and "speedup_vs_sdpa" in report["rows"][0]:
         return kernel_table(path)
+    if "rows" in report and report["rows"] and "speedup_vs_dense" in report["rows"][0]:
+        return decode_table(path)
     return demo_table(path)
 
 
