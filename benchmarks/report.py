@@ -42,9 +42,13 @@ def kernel_table(path: str) -> str:
     if update:
         lines += [
             "",
-            f"Online update (8K open block + 128 tokens, 8 heads, PyTorch k-means) plus one "
-            f"decode step: {update['update_plus_one_step_ms']:.1f} ms per layer.",
+            f"Online update (8K open block + 128 tokens, 8 heads) plus one decode step: "
+            f"{update['update_plus_one_step_ms']:.1f} ms per layer.",
         ]
+    prefill = meta.get("prefill_clustering_ms")
+    if prefill:
+        times = ", ".join(f"{int(n) // 1024}K: {ms:.1f} ms" for n, ms in prefill.items())
+        lines.append(f"Prefill clustering per layer, batch 1 ({times}).")
     return "\n".join(lines)
 
 
