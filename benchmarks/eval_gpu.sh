@@ -22,9 +22,9 @@ eval_run() {  # name, seconds, then options of multipole eval; each run writes i
     --out "/tmp/evalout/$name" "$@" 2>&1 | tail -25 || echo "$name: stopped (timeout or error)"
   tar czf "$OUT/eval_results.tgz" -C /tmp/evalout .  # at most 8 files come back: one archive
 }
-eval_run fidelity 120 --tasks fidelity --context 4096 --windows 4 --fidelity-steps 128 \
+eval_run fidelity 60 --tasks fidelity --context 4096 --windows 4 --fidelity-steps 128 \
   --fractions 1/64,1/32,1/16,1/8
-eval_run perplexity 240 --tasks perplexity --context 4096 --windows 4 --decode-tokens 512 \
+eval_run perplexity 150 --tasks perplexity --context 4096 --windows 4 --decode-tokens 512 \
   --fractions 1/32,1/16
-eval_run retrieval 180 --tasks retrieval --context 4096 --retrieval-samples 3 \
+eval_run retrieval 120 --tasks retrieval --context 4096 --retrieval-samples 3 \
   --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/16
