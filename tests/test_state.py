@@ -236,3 +236,22 @@ def test_public_api_names():
 
     for name in ("DenseState", "OracleTopKState", "QuestState", "CentroidOnlyState", "WindowState"):
         assert hasattr(baselines, name)
+
+
+def test_long_generation_keeps_spare_capacity_small(gen):
+    """Appending thousands of tokens grows the cache by 1/8 steps: spare slots stay below
+    1/8 of the length plus GROW_MIN (doubling would hold a second cache's worth)."""
+    from multipole.index import GROW_MIN
+
+    cfg = MultipoleConfig(interval=64, block_size=1024, sink_tokens=4, token_budget=32)
+    keys, values = (
+        torch.randn(1, 1, 3000, 8, generator=gen),
+        torch.randn(1, 1, 3000, 8, generator=gen),
+    )
+    state = MultipoleState.prefill(keys, values, cfg)
+    for _ in range(60):
+        state.append(*torch.randn(2, 1, 1, 100, 8, generator=gen))
+    n = state.seq_lens[0]
+    assert n == 9000
+    for store in (state._keys, state._values, state.index.labels):
+        assert n <= store.shape[2] <= n + n // 8 + GROW_MIN

@@ -486,13 +486,20 @@ class ClusterIndex:
             )
 
 
+GROW_MIN = 1024  # slots added at least per growth
+
+
 def grow(t: torch.Tensor, dim: int, needed: int, fill: float) -> torch.Tensor:
-    """Return ``t`` padded with ``fill`` along ``dim`` to at least ``needed`` (doubling)."""
+    """Return ``t`` padded with ``fill`` along ``dim`` to at least ``needed``.
+
+    Grows by 1/8 (at least ``GROW_MIN`` slots): a long generation then holds at most ~12.5%
+    unused capacity (doubling would hold up to 100%: a second KV cache), for one copy of the
+    tensor every 1/8 of its length."""
     size = t.shape[dim]
     if needed <= size:
         return t
     shape = list(t.shape)
-    shape[dim] = max(needed, 2 * size)
+    shape[dim] = max(needed, size + max(GROW_MIN, size // 8))
     out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
     out.narrow(dim, 0, size).copy_(t)
     return out
