@@ -13,7 +13,11 @@ for batch in (1, 16):
     sliced = (buf_k[:, :, :n], buf_v[:, :, :n])
     dense = (sliced[0].contiguous(), sliced[1].contiguous())
     for name, (k, v) in (("contiguous", dense), ("sliced", sliced)):
-        ms = do_bench(lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                      warmup=25, rep=100, return_mode="median")
+        ms = do_bench(
+            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            warmup=25,
+            rep=100,
+            return_mode="median",
+        )
         print(f"batch {batch} {name:>10}: {ms:.3f} ms")
     del buf_k, buf_v, sliced, dense
