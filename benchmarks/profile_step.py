@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from multipole import MultipoleConfig, MultipoleState
 from multipole import fused as fused_mod
+from multipole.bench.kernels import graph_of, rel_err
 
 DEVICE = "cuda"  # (a dry run of this script's logic can set "cpu" under TRITON_INTERPRET=1)
 
@@ -45,23 +46,6 @@ KMEANS_VARIANTS = {
     "acc128": dict(BLOCK_K=128),
     "both128": dict(ASSIGN_BLOCK_N=128, BLOCK_K=128),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def graph_of(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def make_state(context: int, batch: int, budget, replacement: bool = True):
