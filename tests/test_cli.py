@@ -69,32 +69,12 @@ REPORT_KEYS = {
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer Llama and a word-level tokenizer (words w0..w125), saved like a hub
     model, with a chat template."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    pytest.importorskip("transformers")
+    from test_hf import tiny_model, word_tokenizer
 
-    words = ["[UNK]", "[PAD]"] + [f"w{i}" for i in range(126)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]"
-    )
+    fast = word_tokenizer(["[UNK]", "[PAD]"] + [f"w{i}" for i in range(126)], pad_token="[PAD]")
     fast.chat_template = CHAT_TEMPLATE
-    config = transformers.LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = None  # always max_new_tokens
+    model = tiny_model("llama", 0, bos_token_id=None, eos_token_id=None, pad_token_id=1)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     fast.save_pretrained(path)

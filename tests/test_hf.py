@@ -43,6 +43,18 @@ def tiny_model(family: str, seed: int, **overrides):
     return model
 
 
+def word_tokenizer(words: list[str], **kwargs):
+    """A word-level fast tokenizer over ``words`` (split on whitespace; ``[UNK]`` for others)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", **kwargs
+    )
+
+
 def generate(model, ids, cache=None, attention_mask=None, **kwargs):
     model.set_attn_implementation("sdpa" if cache is None else "multipole")
     with torch.no_grad():

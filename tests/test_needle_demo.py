@@ -17,8 +17,7 @@ from multipole.needle_demo import (  # noqa: E402
 @pytest.fixture
 def tiny_model_dir(tmp_path, gen):
     """A tiny Llama with a word-level tokenizer over the essays' most common words."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
+    from test_hf import word_tokenizer
 
     from multipole import data
 
@@ -27,11 +26,7 @@ def tiny_model_dir(tmp_path, gen):
     except Exception as error:  # offline: the essays cannot be fetched
         pytest.skip(f"essays unavailable: {error}")
     words = ["[UNK]", "[PAD]"] + sorted(set(text.split()))[:2000]
-    tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[PAD]"
-    )
+    tokenizer = word_tokenizer(words, pad_token="[PAD]", eos_token="[PAD]")
     config = transformers.LlamaConfig(
         vocab_size=len(words),
         hidden_size=64,
