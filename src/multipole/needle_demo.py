@@ -94,15 +94,16 @@ def run_needle_demo(settings: NeedleDemoSettings) -> dict[str, Any]:
 
 
 def format_needle_table(report: dict[str, Any]) -> str:
+    """The numbers as a table, then each method's whole answer."""
     header = f"{'method':<10} {'correct':>7} {'1st tok s':>9} {'tok/s':>6} {'KV read':>7} {'KL':>7}"
-    lines = [header + "  answer"]
+    lines = [header]
     for r in report["results"]:
-        answer = r["answer"].replace("\n", " ")[:70]
         lines.append(
             f"{r['method']:<10} {'yes' if r['correct'] else 'no':>7} {r['first_token_s']:>9.2f} "
             f"{r['tokens_per_s']:>6.1f} {r['read_fraction']:>7.3f} {r['kl_to_dense']:>7.4f}"
-            f"  {answer}"
         )
+    lines.append("")
+    lines += [f"{r['method']}: {' '.join(r['answer'].split())}" for r in report["results"]]
     return "\n".join(lines)
 
 
