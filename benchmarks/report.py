@@ -13,9 +13,7 @@ import json
 import sys
 
 
-def kernel_table(path: str) -> str:
-    with open(path) as f:
-        report = json.load(f)
+def kernel_table(report: dict) -> str:
     meta = report["meta"]
     lines = [
         f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['utc'][:10]}; "
@@ -52,9 +50,7 @@ def kernel_table(path: str) -> str:
     return "\n".join(lines)
 
 
-def demo_table(path: str) -> str:
-    with open(path) as f:
-        report = json.load(f)
+def demo_table(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"{s['context']} tokens, {s['num_q_heads']} query / {s['num_kv_heads']} KV heads, "
@@ -73,9 +69,7 @@ def demo_table(path: str) -> str:
     return "\n".join(lines)
 
 
-def needle_table(path: str) -> str:
-    with open(path) as f:
-        report = json.load(f)
+def needle_table(report: dict) -> str:
     s, env = report["settings"], report["environment"]
     lines = [
         f"{s['model']}, a {report['prompt_tokens']}-token prompt hiding the number "
@@ -107,9 +101,7 @@ EVAL_COLUMNS = {
 }  # fmt: skip
 
 
-def eval_table(path: str) -> str:
-    with open(path) as f:
-        summary = json.load(f)
+def eval_table(summary: dict) -> str:
     env, tasks = summary["environment"], summary["tasks"]
     columns = [(t, *c) for t in EVAL_COLUMNS if t in tasks for c in EVAL_COLUMNS[t]]
     labels: list[str] = []
@@ -141,9 +133,7 @@ def eval_table(path: str) -> str:
     return "\n".join(lines)
 
 
-def decode_table(path: str) -> str:
-    with open(path) as f:
-        report = json.load(f)
+def decode_table(report: dict) -> str:
     meta = report["meta"]
     v = meta["versions"]
     lines = [
@@ -182,14 +172,14 @@ def render(path: str) -> str:
     with open(path) as f:
         report = json.load(f)
     if "tasks" in report:
-        return eval_table(path)
+        return eval_table(report)
     if "needle_depth" in report:
-        return needle_table(path)
+        return needle_table(report)
     if "rows" in report and report["rows"] and "speedup_vs_sdpa" in report["rows"][0]:
-        return kernel_table(path)
+        return kernel_table(report)
     if "rows" in report and report["rows"] and "speedup_vs_dense" in report["rows"][0]:
-        return decode_table(path)
-    return demo_table(path)
+        return decode_table(report)
+    return demo_table(report)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ import dataclasses
 import datetime
 import json
 import math
-import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..baselines import budget_for_read_fraction
 from ..config import MultipoleConfig
 from .decoding import Run, generate, teacher_forced
@@ -129,7 +127,7 @@ def run_eval(
     )
     runs, skipped = runs_for(settings, settings.context, head_dim)
     summary: dict = {
-        "settings": _jsonable(dataclasses.asdict(settings)),
+        "settings": dataclasses.asdict(settings),
         "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "environment": environment(device),
         "skipped": skipped,
@@ -285,13 +283,11 @@ def token_agreement(tokens: list[int], reference: list[int]) -> float:
 
 # ----------------------------------------------------------------------------- output
 def environment(device: torch.device) -> dict:
-    import transformers
+    """Versions, device, command line and time of a run, for its JSON."""
+    from ..generate import versions
 
     return {
-        "multipole": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
+        **versions(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "command": " ".join(sys.argv),
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -411,14 +407,6 @@ def _mean(values: list[float]) -> float:
 def _append(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _progress(enabled: bool):
