@@ -74,8 +74,8 @@ def teacher_forced(
     del prompt_cache
     w, n = input_ids.shape
     steps = n - 1 - prefix
-    nll = {run.label: torch.zeros(w, steps) for run in runs}
-    kl = {run.label: torch.zeros(w, steps) for run in runs}
+    nll = {run.label: torch.zeros(w, steps, device=input_ids.device) for run in runs}
+    kl = {run.label: torch.zeros(w, steps, device=input_ids.device) for run in runs}
     fractions: dict[str, list[float]] = {run.label: [] for run in runs}
     for i, t in enumerate(range(prefix, n - 1)):
         token = input_ids[:, t : t + 1]
@@ -86,15 +86,17 @@ def teacher_forced(
             cache = caches[run.label]
             logits = model(token, past_key_values=cache, position_ids=positions).logits[:, -1]
             log_probs[run.label] = torch.log_softmax(logits.float(), dim=-1)
-            nll[run.label][:, i] = -log_probs[run.label].gather(-1, target)[:, 0].cpu()
+            nll[run.label][:, i] = -log_probs[run.label].gather(-1, target)[:, 0]
             fractions[run.label].append(read_fraction(cache))
         dense = log_probs[reference]
         for run in runs:
-            kl[run.label][:, i] = (dense.exp() * (dense - log_probs[run.label])).sum(-1).cpu()
+            kl[run.label][:, i] = (dense.exp() * (dense - log_probs[run.label])).sum(-1)
         if progress is not None:
             progress.update(1)
     return {
-        run.label: TeacherForced(nll[run.label], kl[run.label].clamp_min(0), fractions[run.label])
+        run.label: TeacherForced(
+            nll[run.label].cpu(), kl[run.label].clamp_min(0).cpu(), fractions[run.label]
+        )
         for run in runs
     }
 
