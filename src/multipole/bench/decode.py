@@ -11,7 +11,7 @@ ratio compares like with like. Before timing, a Multipole cache whose budget cov
 context must give dense's first-step logits (bf16 tolerance).
 
 The dense cache is preallocated: a step writes its token in place and attention reads the
-valid prefix, with no mask, so SDPA takes its flash path with GQA. (transformers'
+valid prefix, with no mask, and SDPA runs on its flash backend with GQA. (transformers'
 ``StaticCache`` would attend over its whole buffer through a mask, which sends SDPA to a slower
 kernel or repeats the KV heads.) Both methods run eagerly: no CUDA graphs, no torch.compile.
 
@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -262,11 +263,15 @@ DENSE_ATTENTION = "multipole_bench_dense"
 
 
 def _dense_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The dense baseline's decode attention: PyTorch SDPA with native GQA and no mask (the
-    flash path), whatever the transformers version does with masks and repeated KV heads."""
+    """The dense baseline's decode attention: PyTorch SDPA with native GQA and no mask, on
+    the flash backend. (PyTorch prefers cuDNN on Hopper, whose plan is rebuilt for every new
+    KV length: about 13 ms of host time per call at 128K, batch 16, measured with
+    ``benchmarks/profile_decode.py``; flash has no such cost.)"""
     if query.shape[2] != 1 or attention_mask is not None:
         raise RuntimeError("bench decode: the dense baseline runs one-token steps without mask")
-    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+    backends = [SDPBackend.FLASH_ATTENTION] if query.is_cuda else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
 
 
@@ -577,7 +582,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         execution="eager for both methods (no CUDA graphs, no torch.compile); every kernel "
         "compiled before timing (a warm-up that crosses an online update)",
         dense_cache="preallocated, valid prefix; attention: F.scaled_dot_product_attention "
-        "with enable_gqa=True and no mask (the flash path), whatever transformers would do",
+        "with enable_gqa=True and no mask on the flash backend (not cuDNN, which re-plans at "
+        "every new KV length), whatever transformers would do",
         note="a truncated model keeps the full embedding and LM head: its speed-up "
         "understates the full model's",
         versions=versions(),
