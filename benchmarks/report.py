@@ -36,6 +36,12 @@ def kernel_table(report: dict) -> str:
             f"{mp['ms']:.3f} | {mp['speedup_vs_sdpa']:.2f}x | {mp['read_fraction']:.1%} | "
             f"{co['ms']:.3f} | {co['speedup_vs_sdpa']:.2f}x |"
         )
+    skipped = sorted({(r["context"], r["batch"]) for r in rows if r["method"] == "skipped"})
+    if skipped:
+        lines += [
+            "",
+            "Not run (GPU memory): " + ", ".join(f"{c // 1024}K x {b}" for c, b in skipped),
+        ]
     update = meta.get("online_update")
     if update:
         lines += [
@@ -175,9 +181,10 @@ def render(path: str) -> str:
         return eval_table(report)
     if "needle_depth" in report:
         return needle_table(report)
-    if "rows" in report and report["rows"] and "speedup_vs_sdpa" in report["rows"][0]:
+    rows = report.get("rows", [])
+    if any("speedup_vs_sdpa" in r for r in rows):  # skipped rows carry no timing
         return kernel_table(report)
-    if "rows" in report and report["rows"] and "speedup_vs_dense" in report["rows"][0]:
+    if any("speedup_vs_dense" in r for r in rows):
         return decode_table(report)
     return demo_table(report)
 

@@ -3,9 +3,24 @@
 Every configuration is checked before it is timed (fused vs the PyTorch reference path, and
 vs dense with a full budget); times are medians of ``triton.testing.do_bench`` in one run, so
 ratios compare like with like. Writes a JSON report (rows carry GPU, versions, git sha, UTC
-time and the command) and prints a table.
+time and the command), a PNG of the speed-ups (``--plot``; default: the JSON's path with
+``.png``) and prints a table.
 
-    multipole bench kernels --out results.json [--contexts 32768,131072] [--batches 1,4,16]
+The default grid is 32K, 128K and 512K tokens by batch 1, 4, 16 and 64 (two budgets). A
+configuration whose estimated memory (:func:`needed_bytes`) does not fit in the free GPU
+memory less 10% is not attempted, and one that runs out of memory anyway is given up: both
+are recorded as rows ``{"context", "batch", "budget", "method": "skipped", "reason"}``. On an
+H100 (80 GB) that skips 128K at batch 64 and 512K at batch 16 and 64; the rest took 2
+minutes.
+
+    multipole bench kernels --out k.json [--plot k.png] [--contexts 32768,131072,524288] \\
+        [--batches 1,4,16,64] [--budgets 128,0.05]
+
+The plot can be drawn again from a saved report (Python)::
+
+    import json
+    from multipole.bench.kernels import plot
+    plot(json.load(open("k.json")), "k.png")
 """
 
 from __future__ import annotations
@@ -13,22 +28,54 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
+import gc
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
 
 from multipole import MultipoleConfig, MultipoleState, fused
 
 H_Q, H_KV, HEAD_DIM = 32, 8, 128
+# Peak memory of one configuration per byte of its keys and values (bf16), and beyond them:
+# measured on an H100, 2.35 x KV + 0.3 GiB from 32K x 4 to 512K x 4 (the benchmark's keys and
+# values, the state's copy, its cluster index and the clustering workspace).
+KV_FACTOR = 2.5
+WORKSPACE_BYTES = 2**30  # CUDA graphs, small tensors, the allocator's rounding
+HEADROOM = 0.1  # of the free memory, kept free (fragmentation, other processes)
+
+
+def kv_bytes(context: int, batch: int) -> int:
+    """Keys and values of one layer in bf16."""
+    return 2 * batch * H_KV * context * HEAD_DIM * 2
+
+
+def needed_bytes(context: int, batch: int) -> int:
+    """Estimated peak GPU memory of one configuration (``KV_FACTOR`` x its keys and values
+    plus ``WORKSPACE_BYTES``), an upper bound of the measured peaks."""
+    return int(KV_FACTOR * kv_bytes(context, batch)) + WORKSPACE_BYTES
+
+
+def fits(context: int, batch: int, free_bytes: int) -> bool:
+    """Whether a configuration fits in ``free_bytes`` less ``HEADROOM`` (checked before it
+    is allocated, so that a grid with 512K tokens or batch 64 runs what the GPU holds)."""
+    return needed_bytes(context, batch) <= (1 - HEADROOM) * free_bytes
+
+
+def skipped(context: int, batch: int, budget: int | float, reason: str) -> dict[str, Any]:
+    """The row of a configuration that was not run."""
+    return dict(context=context, batch=batch, budget=budget, method="skipped", reason=reason)
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
+    from triton.testing import do_bench
+
     x = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
@@ -53,7 +100,13 @@ def graph_of(fn):
     return graph.replay
 
 
-def bench_step(context: int, batch: int, budget: int | float, args) -> list[dict]:
+def bench_step(
+    context: int, batch: int, budget: int | float, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Rows of one configuration: dense SDPA, multipole and centroid-only (checked, timed).
+    Every tensor it makes is local, so all is freed when it returns."""
+    from triton.testing import do_bench
+
     gen = torch.Generator(device="cuda").manual_seed(context + batch)
     shape = (batch, H_KV, context, HEAD_DIM)
     k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -63,8 +116,7 @@ def bench_step(context: int, batch: int, budget: int | float, args) -> list[dict
 
     q4 = q.unsqueeze(2)
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+    sdpa = functools.partial(F.scaled_dot_product_attention, q4, k, v, enable_gqa=True)
 
     rows = []
     dense_ms = do_bench(sdpa, warmup=25, rep=200, return_mode="median")
@@ -80,6 +132,7 @@ def bench_step(context: int, batch: int, budget: int | float, args) -> list[dict
     end.record()
     torch.cuda.synchronize()
     prefill_ms = start.elapsed_time(end)
+    del k, v, sdpa  # the state holds its own copy: one KV less at the reference check
 
     for name, replacement in (("multipole", True), ("centroid_only", False)):
         state.config = dataclasses.replace(cfg, replacement=replacement, backend="triton")
@@ -191,22 +244,136 @@ def bench_prefill(contexts: list[int]) -> dict:
     return out
 
 
+def free_memory() -> int:
+    """Free GPU memory in bytes once garbage and the allocator's cache are released."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+def run_config(
+    context: int, batch: int, budget: int | float, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """:func:`bench_step` if the configuration fits in memory, else a skipped row; a run out
+    of memory is a skipped row too. Frees the configuration's memory before it returns."""
+    free, needed = free_memory(), needed_bytes(context, batch)
+    if not fits(context, batch, free):
+        reason = (
+            f"needs ~{needed / 2**30:.1f} GiB (estimated), {free / 2**30:.1f} GiB free "
+            f"(less {HEADROOM:.0%} headroom)"
+        )
+        return [skipped(context, batch, budget, reason)]
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        rows = bench_step(context, batch, budget, args)
+    except torch.cuda.OutOfMemoryError as e:
+        # leaving this block drops the traceback, and with it the frames' tensors
+        rows = [skipped(context, batch, budget, f"out of memory: {str(e).splitlines()[0]}")]
+    else:
+        peak = torch.cuda.max_memory_allocated()
+        for row in rows:
+            row.update(peak_memory_gb=peak / 1e9, estimated_memory_gb=needed / 1e9)
+    free_memory()
+    return rows
+
+
+def format_row(r: dict[str, Any]) -> str:
+    """One row of the printed table (a skipped configuration with its reason)."""
+    head = f"{r['context']:>7} {r['batch']:>3} {str(r['budget']):>6} {r['method']:<14} "
+    if r["method"] == "skipped":
+        return head + r["reason"]
+    gbps = r["bytes"] / (r["ms"] * 1e-3) / 1e9
+    return head + (
+        f"{r['ms']:>8.3f} {r.get('eager_ms', float('nan')):>8.3f} "
+        f"{r['speedup_vs_sdpa']:>7.2f} {gbps:>6.0f} {r.get('read_fraction', 1.0):>6.3f} "
+        f"{r.get('rel_err_vs_reference', 0.0):>8.1e}"
+    )
+
+
+def _budget_label(budget: int | float) -> str:
+    return f"{budget:.0%}" if isinstance(budget, float) else f"{budget} tokens"
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Speed-up over dense SDPA against batch, one panel per context, one line per method
+    and budget (PNG). Takes the report as loaded from its JSON, so it redraws a saved one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, meta = report["rows"], report["meta"]
+    contexts = sorted({r["context"] for r in rows})
+    budgets = sorted({r["budget"] for r in rows}, key=lambda b: (isinstance(b, float), b))
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], contexts, strict=True):
+        ax.axhline(1.0, color="gray", linestyle=":", label="SDPA (dense)")
+        for i, budget in enumerate(budgets):
+            for method, style in (("multipole", "o-"), ("centroid_only", "s--")):
+                mine = [
+                    r
+                    for r in rows
+                    if (r["context"], r["budget"], r["method"]) == (context, budget, method)
+                ]
+                mine.sort(key=lambda r: r["batch"])
+                label = f"{method}, {_budget_label(budget)}"
+                xs, ys = [r["batch"] for r in mine], [r["speedup_vs_sdpa"] for r in mine]
+                ax.plot(xs, ys, style, color=f"C{i}", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_ylim(bottom=0)
+        gone = sorted(
+            {r["batch"] for r in rows if r["context"] == context}
+            - {r["batch"] for r in rows if r["context"] == context and r["method"] != "skipped"}
+        )
+        title = f"context {_tokens(context)}"
+        if gone:
+            title += f" (not run: batch {', '.join(map(str, gone))})"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("speed-up vs SDPA (CUDA graph, median)")
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Decode attention of one layer, 32 query / 8 KV heads, d=128, bf16: "
+        f"{meta['gpu']}, {meta['utc'][:10]}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the kernel benchmark (needs a CUDA device); ``argv`` as after ``bench kernels``."""
     if not torch.cuda.is_available():
         raise SystemExit("multipole bench kernels: needs a CUDA device, none is available")
     parser = argparse.ArgumentParser(prog="multipole bench kernels")
-    parser.add_argument("--contexts", default="32768,131072")
-    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--contexts", default="32768,131072,524288")
+    parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--budgets", default="128,0.05")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--out", default="kernels.json")
+    parser.add_argument("--plot", default=None, help="PNG (default: --out with .png; '' none)")
     parser.add_argument(
         "--tuning",
         default=None,
         help="JSON file: launch shapes ({'fused': {...}, 'kmeans': {...}})",
     )
     args = parser.parse_args(argv)
+    if args.plot is None:
+        args.plot = str(Path(args.out).with_suffix(".png"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        args.plot = None
+    import triton
+
     if args.tuning:
         apply_tuning(args.tuning)
     sha = subprocess.run(
@@ -236,14 +403,18 @@ def main(argv: list[str] | None = None) -> None:
         for batch in map(int, args.batches.split(",")):
             for budget in args.budgets.split(","):
                 value = float(budget) if "." in budget else int(budget)
-                rows.extend(bench_step(context, batch, value, args))
-                last = rows[-2]
-                print(
-                    f"ctx {context} B {batch} budget {budget}: sdpa {rows[-3]['ms']:.3f} ms, "
-                    f"multipole {last['ms']:.3f} ms ({last['speedup_vs_sdpa']:.2f}x), "
-                    f"eager {last['eager_ms']:.3f}",
-                    flush=True,
-                )
+                step = {r["method"]: r for r in run_config(context, batch, value, args)}
+                rows.extend(step.values())
+                if "skipped" in step:
+                    line = f"skipped: {step['skipped']['reason']}"
+                else:
+                    dense, mp = step["sdpa_dense"], step["multipole"]
+                    line = (
+                        f"sdpa {dense['ms']:.3f} ms, multipole {mp['ms']:.3f} ms "
+                        f"({mp['speedup_vs_sdpa']:.2f}x), eager {mp['eager_ms']:.3f}, "
+                        f"peak {mp['peak_memory_gb']:.1f} GB (est. {mp['estimated_memory_gb']:.1f})"
+                    )
+                print(f"ctx {context} B {batch} budget {budget}: {line}", flush=True)
                 with open(args.out, "w") as f:
                     json.dump(dict(meta=meta, rows=rows), f, indent=1)
     meta["online_update"] = bench_update(args)
@@ -256,13 +427,11 @@ def main(argv: list[str] | None = None) -> None:
     header = ("ctx", "B", "budget", "method", "ms", "eager", "x sdpa", "GB/s", "read", "err")
     print("{:>7} {:>3} {:>6} {:<14} {:>8} {:>8} {:>7} {:>6} {:>6} {:>8}".format(*header))
     for r in rows:
-        gbps = r["bytes"] / (r["ms"] * 1e-3) / 1e9
-        print(
-            f"{r['context']:>7} {r['batch']:>3} {str(r['budget']):>6} {r['method']:<14} "
-            f"{r['ms']:>8.3f} {r.get('eager_ms', float('nan')):>8.3f} "
-            f"{r['speedup_vs_sdpa']:>7.2f} {gbps:>6.0f} {r.get('read_fraction', 1.0):>6.3f} "
-            f"{r.get('rel_err_vs_reference', 0.0):>8.1e}"
-        )
+        print(format_row(r))
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot(dict(meta=meta, rows=rows), args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
