@@ -23,7 +23,7 @@ from multipole.eval import (  # noqa: E402
     run_eval,
     teacher_forced,
 )
-from multipole.eval.harness import token_agreement  # noqa: E402
+from multipole.eval.harness import runs_for, token_agreement  # noqa: E402
 from multipole.synthetic import PlantedKV  # noqa: E402
 
 SMALL_BASE = MultipoleConfig(sink_tokens=4, interval=32, block_size=256, backend="reference")
@@ -62,6 +62,24 @@ def test_unreachable_fractions_are_skipped_not_faked():
     assert method_config("window", 1 / 64, 500, 32, settings) is None  # sink + window > 1/64
     cfg = method_config("multipole", 1 / 4, 5000, 32, settings)
     assert cfg.centroid_ratio == 1 / 16 and cfg.token_budget > 0
+
+
+def test_two_level_variant_reads_its_fraction(gen):
+    """``multipole_2level`` runs the multipole state with the hierarchy and still reads about
+    the bytes it was given (coarse and opened fine centroids counted)."""
+    inputs = planted_inputs(int(torch.randint(10**6, (1,), generator=gen)))
+    settings = EvalSettings(base=SMALL_BASE)
+    prefix, fraction = 860, 0.25
+    config = method_config("multipole_2level", fraction, prefix, 32, settings)
+    assert config.levels == 2 and config.token_budget > 0
+    runs, _ = runs_for(dataclasses.replace(settings, methods=("multipole_2level",)), prefix, 32)
+    assert [(r.label, r.method) for r in runs[-1:]] == [("multipole_2level@1/8", "multipole")]
+    result = attention_fidelity(inputs, "multipole", config, prefix)
+    assert result.read_fraction == pytest.approx(fraction, rel=0.15)
+    window = attention_fidelity(
+        inputs, "window", method_config("window", fraction, prefix, 32, settings), prefix
+    )
+    assert float(result.rel_error.mean()) < float(window.rel_error.mean())
 
 
 def test_dense_method_through_the_cache_matches_stock_decoding(gen):
