@@ -10,6 +10,20 @@ than one token) is exact SDPA. At the first one-token decode step of a layer, th
 values of every sequence (left padding removed) become a :class:`~multipole.MultipoleState`,
 which then answers every decode step and absorbs new tokens with its online update.
 
+Multi-turn reuse: calling ``generate`` again with the same cache and the whole conversation
+as ``input_ids`` works. transformers then feeds the uncached tail (the next user turn) as one
+multi-token chunk: it is appended to the state (its clusters updated online, as for generated
+tokens) and its queries attend exactly, causally, over every cached token and the chunk, as
+in a prefill. This needs the cached sequences of a batch to have the same length and no
+padding (batch 1, or a batch with equal prompts and no padding) and no padding in the chunk;
+a ragged batch raises ``NotImplementedError`` and leaves the cache as it was.
+
+Long generations (``max_new_tokens`` in the tens of thousands) hold the KV cache and the index
+plus spare capacity: the per-token stores (keys, values, clustering keys, cluster labels) grow
+by 1/8 of their size (at least 1024 slots) when full, the centroid stores (one slot per
+``1 / centroid_ratio`` tokens) likewise. :meth:`MultipoleCache.memory_bytes` reports the
+bytes held.
+
 Which keys are clustered (``MultipoleConfig.position_free_keys``):
 
 - False (default): the cached, RoPE'd keys, scored with the real query. No extra memory.
@@ -22,8 +36,9 @@ Which keys are clustered (``MultipoleConfig.position_free_keys``):
 ``method`` picks the decode state of every layer (``multipole.baselines.METHODS``), so every
 baseline runs through the same cache. With tensor parallelism (transformers ``tp_plan``) each
 rank sees its own KV heads; k-means is seeded per global KV head, so results do not depend on
-the number of ranks. Beam search, a second prompt after decoding (multi-turn reuse,
-speculative verification) and ``output_attentions`` are not supported and raise.
+the number of ranks. Beam search, cropping after decoding (speculative decoding, which crops
+its rejected draft tokens), ragged multi-turn batches and ``output_attentions`` are not
+supported and raise.
 """
 
 from __future__ import annotations
@@ -63,33 +78,86 @@ class MultipoleLayer(DynamicLayer):
         self._length = 0  # padded length, as transformers counts positions
         self._attended = True  # the attention function consumed the last decode update
         self._returned: torch.Tensor | None = None  # keys the last update handed the model
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # chunk to absorb
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         new_tokens = key_states.shape[-2]
-        if self.state is not None and new_tokens != 1:
-            raise NotImplementedError(
-                "MultipoleCache: a prompt after decoding started (multi-turn reuse, speculative "
-                "verification) is not supported; start a new cache"
+        if not self._attended:  # the last decode step or chunk never reached the state
+            raise RuntimeError(
+                "MultipoleCache: the model's attention is not 'multipole'; load the model "
+                "with attn_implementation='multipole' or call "
+                "model.set_attn_implementation('multipole') (after importing multipole.hf)"
             )
-        if new_tokens == 1:  # a decode step: the attention function must take it
-            if not self._attended:
-                raise RuntimeError(
-                    "MultipoleCache: the model's attention is not 'multipole'; load the model "
-                    "with attn_implementation='multipole' or call "
-                    "model.set_attn_implementation('multipole') (after importing multipole.hf)"
-                )
-            self._attended = False
-        self._length += new_tokens
         if self.state is None:
+            self._length += new_tokens
+            if new_tokens == 1:  # the first decode step: the attention function builds the state
+                self._attended = False
             keys, values = super().update(key_states, value_states, *args, **kwargs)
-        else:
+        elif new_tokens == 1:  # a decode step
+            self._attended = False
+            self._length += 1
             cluster_keys = None
             if self.rotary is not None:  # the new token sits at position seq_len of its row
                 cluster_keys = self.rotary.rotate(key_states, -self.state._seq_lens_device[:, None])
             self.state.append(key_states, value_states, cluster_keys=cluster_keys)
             keys, values = key_states, value_states
+        else:  # several tokens after decoding (the next turn of a conversation)
+            self._check_chunk_batch()
+            # kept aside until the attention function has checked the mask: a chunk it
+            # rejects must leave the state as it was
+            self._pending = (key_states, value_states)
+            self._attended = False
+            keys, values = key_states, value_states
         self._returned = keys
         return keys, values
+
+    def _check_chunk_batch(self) -> None:
+        """A multi-token chunk after decoding needs every cached sequence at the padded length."""
+        lengths = self.state.seq_lens
+        if any(n != self._length for n in lengths):
+            raise NotImplementedError(
+                "MultipoleCache: a multi-token input after decoding started (multi-turn reuse) "
+                "needs every sequence of the batch at the same length with no padding; this "
+                f"ragged batch holds {lengths} tokens (padded length {self._length}). Reuse the "
+                "cache one sequence at a time, or start a new cache"
+            )
+
+    def absorb_chunk(
+        self, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append the chunk kept by :meth:`update` to the state; return the keys and values of
+        every sequence (cached tokens, then the chunk), ``[B, H_kv, L + T, D]``, and the
+        causal mask ``[1, 1, T, L + T]`` over them, for exact attention of the chunk's queries.
+
+        ``attention_mask`` (the mask transformers built for the chunk) must be that causal
+        mask: padding anywhere (cached tokens or chunk) raises ``NotImplementedError``, with
+        the cache left as it was.
+        """
+        keys, values = self._pending
+        self._pending = None
+        self._attended = True
+        n, t = self._length, keys.shape[-2]
+        device = keys.device
+        query_positions = n + torch.arange(t, device=device)
+        causal = torch.arange(n + t, device=device) <= query_positions[:, None]  # [T, L + T]
+        if attention_mask is not None:
+            visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            if visible.shape[-2:] != causal.shape or not torch.equal(
+                visible, causal.expand_as(visible)
+            ):
+                raise NotImplementedError(
+                    "MultipoleCache: a multi-token input after decoding started (multi-turn "
+                    "reuse) must see every cached token and the causal prefix of its own "
+                    "tokens, but its mask hides some: padding in the attention mask (a ragged "
+                    "batch) or a sliding window is not supported. Reuse the cache one sequence "
+                    "at a time, or start a new cache"
+                )
+        cluster_keys = None
+        if self.rotary is not None:  # token i of the chunk sits at position seq_len + i
+            cluster_keys = self.rotary.rotate(keys, -query_positions[None])
+        self.state.append(keys, values, cluster_keys=cluster_keys)
+        self._length += t
+        return self.state.keys, self.state.values, causal[None, None]
 
     def owns(self, key: torch.Tensor) -> bool:
         """Whether ``key`` (what the attention function got) came from this layer's last
@@ -211,6 +279,19 @@ class MultipoleCache(Cache):
                 read, dense = read + stats.bytes_read, dense + stats.dense_bytes
         return read / dense if dense else 1.0
 
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors the cache holds, each storage counted once at its allocated
+        size (spare capacity included): the dense keys and values of layers not decoding, and
+        everything the decode state of the others keeps (keys, values, clustering keys, the
+        cluster index, kernel layouts and scratch, the last step's read counts)."""
+        seen: set[int] = set()
+        total = 0
+        for layer in self.layers:
+            state = getattr(layer, "state", None)
+            roots = [state] if state is not None else [layer.keys, layer.values]
+            total += sum(_held_bytes(root, seen, set()) for root in roots)
+        return total
+
     def _layer_config(self, index: int) -> MultipoleConfig | None:
         if index >= len(self.layer_configs):
             raise ValueError(
@@ -233,7 +314,9 @@ def multipole_attention_forward(
     """Attention function registered as ``"multipole"`` (the transformers signature).
 
     Queries of more than one token, layers kept dense, and calls without a MultipoleCache run
-    SDPA; a one-token query of a Multipole layer runs :meth:`MultipoleState.attend`.
+    SDPA (a chunk after decoding over the state's keys and values: see
+    :meth:`MultipoleLayer.absorb_chunk`); a one-token query of a Multipole layer runs
+    :meth:`MultipoleState.attend`.
     """
     if kwargs.get("output_attentions"):
         raise NotImplementedError("multipole attention: output_attentions=True is not supported")
@@ -243,6 +326,9 @@ def multipole_attention_forward(
     if cache is not None and getattr(module, "layer_idx", None) is not None:
         candidate = cache.layers[module.layer_idx]
         layer = candidate if isinstance(candidate, MultipoleLayer) and candidate.owns(key) else None
+    if layer is not None and layer._pending is not None:  # a chunk after decoding: exact
+        key, value, attention_mask = layer.absorb_chunk(attention_mask)
+        layer = None
     if layer is None or query.shape[2] > 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -312,6 +398,29 @@ def _first_kv_head(module: torch.nn.Module, local_kv_heads: int) -> int:
         )
     ranks = total // local_kv_heads
     return (torch.distributed.get_rank() % ranks) * local_kv_heads
+
+
+def _held_bytes(obj: object, storages: set[int], visited: set[int]) -> int:
+    """Bytes of the tensor storages reachable from ``obj`` (through containers and the
+    attributes of multipole objects) not yet in ``storages``, which collects them."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in storages:
+            return 0
+        storages.add(storage.data_ptr())
+        return storage.nbytes()
+    if id(obj) in visited:
+        return 0
+    visited.add(id(obj))
+    if isinstance(obj, dict):
+        children = obj.values()
+    elif isinstance(obj, list | tuple):
+        children = obj
+    elif type(obj).__module__.startswith("multipole.") and hasattr(obj, "__dict__"):
+        children = vars(obj).values()
+    else:
+        return 0
+    return sum(_held_bytes(child, storages, visited) for child in children)
 
 
 def _left_to_right(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

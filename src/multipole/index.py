@@ -65,16 +65,14 @@ class ClusterLevel:
         )
 
     def reserve(self, needed: int) -> None:
-        """Grow the cluster capacity to at least ``needed`` (amortised doubling)."""
-        capacity = self.sizes.shape[-1]
-        if needed <= capacity:
+        """Grow the cluster capacity to at least ``needed`` (by 1/8, as :func:`grow`)."""
+        if needed <= self.sizes.shape[-1]:
             return
-        new = max(needed, 2 * capacity)
-        self.key_centroids = grow(self.key_centroids, 2, new, 0)
-        self.value_centroids = grow(self.value_centroids, 2, new, 0)
-        self.sizes = grow(self.sizes, 2, new, 0)
+        self.key_centroids = grow(self.key_centroids, 2, needed, 0)
+        self.value_centroids = grow(self.value_centroids, 2, needed, 0)
+        self.sizes = grow(self.sizes, 2, needed, 0)
         if self.attention_key_centroids is not None:
-            self.attention_key_centroids = grow(self.attention_key_centroids, 2, new, 0)
+            self.attention_key_centroids = grow(self.attention_key_centroids, 2, needed, 0)
 
 
 @dataclass

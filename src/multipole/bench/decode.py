@@ -140,7 +140,7 @@ class Settings:
 def index_overhead(config: MultipoleConfig, head_dim: int, elem_size: int) -> float:
     """Bytes of the cluster index per byte of keys and values: labels (int64) and the fused
     kernels' token order (int32) per token, float32 and cache-dtype key and value centroids and
-    sizes per cluster, doubled because the cluster capacity doubles when an update grows it."""
+    sizes per cluster, doubled as headroom (growth by 1/8 and the update's scratch)."""
     per_cluster = 2 * head_dim * 4 + 8 + 2 * head_dim * elem_size
     per_token = 8 + 4 + 2 * config.centroid_ratio * per_cluster
     return per_token / (2 * head_dim * elem_size)

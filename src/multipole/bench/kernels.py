@@ -184,8 +184,8 @@ def bench_step(
 def bench_update(args) -> dict:
     """One online update per layer (k-means kernels): an open block of 8064 tokens receives
     128 more; the time covers the update and one decode step (median of 3 after a warm-up).
-    The cache is full after prefill, so the append also pays the cache's doubling, which a
-    state pays once per doubling (``benchmarks/profile_step.py --update`` times without)."""
+    The cache is full after prefill, so the append also pays the cache's growth, which a
+    state pays once per 1/8 growth (``benchmarks/profile_step.py --update`` times without)."""
     times = []
     n = 16 + 8064 + 255
     for seed in range(4):
