@@ -22,9 +22,22 @@ eval_run() {  # name, seconds, then options of multipole eval; each run writes i
     --out "/tmp/evalout/$name" "$@" 2>&1 | tail -25 || echo "$name: stopped (timeout or error)"
   tar czf "$OUT/eval_results.tgz" -C /tmp/evalout .  # at most 8 files come back: one archive
 }
-eval_run fidelity 60 --tasks fidelity --context 4096 --windows 4 --fidelity-steps 128 \
-  --fractions 1/64,1/32,1/16,1/8
-eval_run perplexity 150 --tasks perplexity --context 4096 --windows 4 --decode-tokens 512 \
-  --fractions 1/32,1/16
-eval_run retrieval 120 --tasks retrieval --context 4096 --retrieval-samples 3 \
-  --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/16
+# `bash benchmarks/eval_gpu.sh run [NAME ...]` runs the named runs (default: the first three)
+runs=("${@:2}")
+[[ ${#runs[@]} -gt 0 ]] || runs=(fidelity perplexity retrieval)
+for name in "${runs[@]}"; do
+  case $name in
+    fidelity) eval_run fidelity 60 --tasks fidelity --context 4096 --windows 4 \
+      --fidelity-steps 128 --fractions 1/64,1/32,1/16,1/8 ;;
+    perplexity) eval_run perplexity 150 --tasks perplexity --context 4096 --windows 4 \
+      --decode-tokens 512 --fractions 1/32,1/16 ;;
+    retrieval) eval_run retrieval 120 --tasks retrieval --context 4096 --retrieval-samples 3 \
+      --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/16 ;;
+    perplexity2k) eval_run perplexity2k 470 --tasks perplexity --context 2048 --windows 2 \
+      --decode-tokens 2048 --fractions 1/16 \
+      --methods multipole,multipole_2level,centroid_only,quest,window ;;
+    gsm) eval_run gsm 300 --tasks gsm --gsm-samples 8 --gsm-new-tokens 320 --fractions 1/16 \
+      --methods multipole,multipole_2level,centroid_only,quest,window ;;
+    *) echo "unknown run: $name"; exit 2 ;;
+  esac
+done

@@ -8,7 +8,10 @@ Importing this module registers the attention function ``"multipole"`` (and tran
 mask under the same name, so padding masks reach it). Prompt processing (any query longer
 than one token) is exact SDPA. At the first one-token decode step of a layer, the keys and
 values of every sequence (left padding removed) become a :class:`~multipole.MultipoleState`,
-which then answers every decode step and absorbs new tokens with its online update.
+which then answers every decode step and absorbs new tokens with its online update. On CUDA a
+layer's decode step (append the token, attend) is replayed as a CUDA graph between online
+updates (:class:`multipole.graphs.GraphedStep`; ``MultipoleCache(cuda_graphs=False)`` turns it
+off): the rest of the model still runs eagerly.
 
 Multi-turn reuse: calling ``generate`` again with the same cache and the whole conversation
 as ``input_ids`` works. transformers then feeds the uncached tail (the next user turn) as one
@@ -55,6 +58,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .baselines import METHODS
 from .config import MultipoleConfig
+from .graphs import GraphedStep
 from .state import DecodeState
 
 ATTENTION_NAME = "multipole"
@@ -69,7 +73,9 @@ _ACTIVE_CACHE: contextvars.ContextVar[MultipoleCache | None] = contextvars.Conte
 class MultipoleLayer(DynamicLayer):
     """One layer's cache: dense keys and values during the prompt, a decode state after."""
 
-    def __init__(self, config: MultipoleConfig, method: str = "multipole") -> None:
+    def __init__(
+        self, config: MultipoleConfig, method: str = "multipole", cuda_graphs: bool = True
+    ) -> None:
         super().__init__()
         self.config = config
         self.method = method
@@ -79,6 +85,10 @@ class MultipoleLayer(DynamicLayer):
         self._attended = True  # the attention function consumed the last decode update
         self._returned: torch.Tensor | None = None  # keys the last update handed the model
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # chunk to absorb
+        # the decode step's new token (keys, values, clustering keys), appended by decode()
+        self._token: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self.step: GraphedStep | None = None  # append + attend, a CUDA graph between updates
+        self.cuda_graphs = cuda_graphs
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         new_tokens = key_states.shape[-2]
@@ -93,13 +103,13 @@ class MultipoleLayer(DynamicLayer):
             if new_tokens == 1:  # the first decode step: the attention function builds the state
                 self._attended = False
             keys, values = super().update(key_states, value_states, *args, **kwargs)
-        elif new_tokens == 1:  # a decode step
+        elif new_tokens == 1:  # a decode step: appended with the attention, as one step
             self._attended = False
             self._length += 1
             cluster_keys = None
             if self.rotary is not None:  # the new token sits at position seq_len of its row
                 cluster_keys = self.rotary.rotate(key_states, -self.state._seq_lens_device[:, None])
-            self.state.append(key_states, value_states, cluster_keys=cluster_keys)
+            self._token = (key_states, value_states, cluster_keys)
             keys, values = key_states, value_states
         else:  # several tokens after decoding (the next turn of a conversation)
             self._check_chunk_batch()
@@ -195,12 +205,26 @@ class MultipoleLayer(DynamicLayer):
         )
         self.keys = self.values = None  # the state holds them now
 
-    def lookup_query(self, query: torch.Tensor) -> torch.Tensor | None:
-        """``query [B, Hq, D]`` of the newest token rotated to ``lookup_position``; None when
-        keys are clustered as cached (the query itself then scores the centroids)."""
+    def decode(self, query: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Append the step's new token (if :meth:`update` kept one) and attend ``query
+        [B, Hq, D]``, through :attr:`step` (a CUDA graph replay between online updates)."""
+        if self.step is None:
+            self.step = GraphedStep(self.state, enabled=self.cuda_graphs)
+        if self._token is None:  # the first decode step: the state already holds the token
+            return self.state.attend(query, lookup_q=self.lookup_query(query, 1), scale=scale)
+        (keys, values, cluster_keys), self._token = self._token, None
+        lookup_q = self.lookup_query(query, 0)
+        return self.step(
+            keys, values, query, lookup_q=lookup_q, scale=scale, cluster_keys=cluster_keys
+        )
+
+    def lookup_query(self, query: torch.Tensor, appended: int) -> torch.Tensor | None:
+        """``query [B, Hq, D]`` of the newest token rotated to ``lookup_position``, with
+        ``appended`` (0 or 1) telling whether the state holds that token yet; None when keys
+        are clustered as cached (the query itself then scores the centroids)."""
         if self.rotary is None:
             return None
-        delta = self.config.lookup_position + 1 - self.state._seq_lens_device
+        delta = self.config.lookup_position + appended - self.state._seq_lens_device
         return self.rotary.rotate(query.unsqueeze(2), delta[:, None])[:, :, 0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -232,6 +256,11 @@ class MultipoleCache(Cache):
         method: the decode method of every layer, a key of ``multipole.baselines.METHODS``
             (``"multipole"``, ``"centroid_only"``, ``"quest"``, ``"oracle_topk"``,
             ``"window"``, ``"dense"``), so baselines run through the same cache.
+        cuda_graphs: replay each layer's decode step (append the token, attend) as a CUDA
+            graph between online updates (:class:`multipole.graphs.GraphedStep`: the step's
+            host time, several times its GPU time at batch 1, drops to one graph launch).
+            Only Multipole states with the fused kernels on CUDA are graphed; False (or any
+            other case) runs every step eagerly.
     """
 
     def __init__(
@@ -239,6 +268,7 @@ class MultipoleCache(Cache):
         config: MultipoleConfig | list[MultipoleConfig | None] | None = None,
         *,
         method: str = "multipole",
+        cuda_graphs: bool = True,
     ):
         if method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -251,7 +281,10 @@ class MultipoleCache(Cache):
                     raise TypeError(f"config[{i}]: expected a MultipoleConfig or None, got {c!r}")
         elif not isinstance(config, MultipoleConfig):
             raise TypeError(f"config: expected a MultipoleConfig, got {type(config).__name__}")
-        super().__init__(layer_class_to_replicate=functools.partial(MultipoleLayer, config, method))
+        self.cuda_graphs = cuda_graphs
+        super().__init__(
+            layer_class_to_replicate=functools.partial(MultipoleLayer, config, method, cuda_graphs)
+        )
         self.config = config
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -259,7 +292,9 @@ class MultipoleCache(Cache):
             index = len(self.layers)
             cfg = self.config if self.layer_configs is None else self._layer_config(index)
             self.layers.append(
-                MultipoleLayer(cfg, self.method) if cfg is not None else DynamicLayer()
+                MultipoleLayer(cfg, self.method, self.cuda_graphs)
+                if cfg is not None
+                else DynamicLayer()
             )
         _ACTIVE_CACHE.set(self)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
@@ -336,8 +371,7 @@ def multipole_attention_forward(
     if layer.state is None:
         layer.build_state(attention_mask, module)
     layer._attended = True
-    q = query[:, :, 0, :]  # [B, Hq, D]
-    out = layer.state.attend(q, lookup_q=layer.lookup_query(q), scale=scaling)
+    out = layer.decode(query[:, :, 0, :], scaling)  # query [B, Hq, 1, D] -> [B, Hq, D]
     return out.unsqueeze(1), None
 
 

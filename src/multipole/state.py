@@ -310,6 +310,14 @@ class DecodeState:
             for b in due:
                 self.clustered_len[b] += cfg.interval
 
+    def appends_before_update(self) -> int:
+        """One-token appends that can run before one moves tokens into the middle region (for
+        Multipole Attention: an online update); 0 when the next append does. Host only, no
+        sync (``multipole.graphs`` replays captured steps until then)."""
+        limit = self.config.sink_tokens + 2 * self.config.interval
+        lengths = zip(self.seq_lens, self.clustered_len, strict=True)
+        return min(limit + c - n for n, c in lengths) - 1
+
     def _on_advance(self, seqs: list[int]) -> None:
         """Hook: ``interval`` tokens of each listed sequence are about to join the middle."""
 

@@ -13,7 +13,9 @@ context must give dense's first-step logits (bf16 tolerance).
 The dense cache is preallocated: a step writes its token in place and attention reads the
 valid prefix, with no mask, and SDPA runs on its flash backend with GQA. (transformers'
 ``StaticCache`` would attend over its whole buffer through a mask, which sends SDPA to a slower
-kernel or repeats the KV heads.) Both methods run eagerly: no CUDA graphs, no torch.compile.
+kernel or repeats the KV heads.) Both methods run eagerly, except that each Multipole layer
+replays its decode step (token write and attention) as a CUDA graph between online updates
+(``--eager`` turns that off); no torch.compile.
 
 Long contexts with large batches do not fit at full depth: by default each (context, batch)
 runs the largest number of layers whose weights, caches and clustering workspace fit in 85% of
@@ -131,6 +133,7 @@ class Settings:
     dtype: torch.dtype
     device: str
     seed: int
+    cuda_graphs: bool = True  # Multipole layers replay their decode step as a CUDA graph
 
     def capacity(self, context: int) -> int:
         return context + self.warmup + self.steps + 1
@@ -303,10 +306,11 @@ def multipole_cache(
     layers: int,
     context: int,
     device: str,
+    cuda_graphs: bool = True,
 ) -> tuple[Cache, float]:
     """A MultipoleCache whose layer ``i`` holds ``make_kv(i)`` (``context`` valid tokens),
     clustered now; returns the cache and the clustering time in ms (all layers)."""
-    cache = MultipoleCache(config)
+    cache = MultipoleCache(config, cuda_graphs=cuda_graphs)
     clustering_ms = 0.0
     for i in range(layers):
         keys, values = make_kv(i)
@@ -317,7 +321,7 @@ def multipole_cache(
         _sync(device)
         clustering_ms += (time.perf_counter() - start) * 1e3
         del keys, values
-        layer = MultipoleLayer(config)
+        layer = MultipoleLayer(config, cuda_graphs=cuda_graphs)
         layer.state, layer._length = state, context  # as if the prompt had run
         cache.layers.append(layer)
     return cache, clustering_ms
@@ -417,7 +421,9 @@ def run_method(
             cache = dense_cache([make_kv(i) for i in range(layers)], context)
         else:
             model.set_attn_implementation("multipole")
-            cache, clustering_ms = multipole_cache(cfg, make_kv, layers, context, s.device)
+            cache, clustering_ms = multipole_cache(
+                cfg, make_kv, layers, context, s.device, s.cuda_graphs
+            )
         result = decode(model, cache, first_ids, context, steps=s.steps, warmup=s.warmup)
         return (
             result,
@@ -557,6 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dtype,
         device,
         args.seed,
+        cuda_graphs=not args.eager,
     )
     free, workspace = None, ASSUMED_WORKSPACE
     if cuda:
@@ -579,7 +586,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         free_memory_gb=None if free is None else free / 1e9,
         memory_fraction=MEMORY_FRACTION,
         clustering_workspace=dataclasses.asdict(workspace),
-        execution="eager for both methods (no CUDA graphs, no torch.compile); every kernel "
+        execution=(
+            "dense eager; multipole eager except each layer's decode step (token write and "
+            "attention), replayed as a CUDA graph between online updates"
+            if s.cuda_graphs
+            else "eager for both methods"
+        )
+        + " (no whole-step CUDA graph, no torch.compile); every kernel "
         "compiled before timing (a warm-up that crosses an online update)",
         dense_cache="preallocated, valid prefix; attention: F.scaled_dot_product_attention "
         "with enable_gqa=True and no mask on the flash backend (not cuDNN, which re-plans at "
@@ -745,6 +758,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--layers", type=int, default=None, help="decoder layers (default: the most that fit)"
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="no CUDA graphs for the Multipole decode step (default: graphed between updates)",
     )
     p.add_argument(
         "--steps", type=int, default=64, help="timed decode steps (default: %(default)s)"

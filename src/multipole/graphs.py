@@ -1,0 +1,323 @@
+"""One decode step of a layer (append a token, attend one query) replayed as a CUDA graph.
+
+An eager step through :class:`~multipole.MultipoleState` costs far more host time than GPU time
+(argument checks, the cache write, host bookkeeping, five Triton launches and their buffers):
+at batch 1 the fused attention needs about 0.1 ms of GPU per layer, the Python around it
+several times that. Between two online updates a step does the same work on the same buffers
+with only device-side values changing (the new token's position is read from the device copy
+of the lengths), so :class:`GraphedStep` captures it once and replays it, as vLLM and SGLang
+graph attention "piecewise"::
+
+    step = GraphedStep(state)              # one per layer
+    out = step(keys, values, q)            # == state.append(keys, values); state.attend(q)
+
+What runs eagerly instead (always correct, the graph is then re-captured):
+
+- the step at which an online update falls due or the cache must grow, and the next one;
+- any step whose captured launch arguments would be stale: another kernel layout (rebuilt at
+  every update), other storages (the cache reallocated by a growth), other clustered lengths
+  or budgets, another config, scale or tuning (:data:`multipole.fused.TUNING`), or inputs of
+  another shape, dtype or device (compared at every step: cheap host checks);
+- everything off CUDA, states that are not :class:`~multipole.MultipoleState` (or override
+  its step), the PyTorch backend, ``validate=True`` on CUDA (it syncs), inputs that require
+  grad, multi-token appends, and calls made while the caller itself captures a graph.
+
+A step is captured only right after an eager step with the same captured arguments ran on the
+same static input buffers, so every Triton kernel is compiled and every lazily made buffer
+exists before the capture. The capture runs the step's host side once (``seq_lens`` moves on)
+and its device side not at all; the replay that follows runs the device side once (cache
+write, ``_seq_lens_device += 1``, attention): one step in all. Every later replay moves the
+host lengths on itself and points ``state._reads`` at the counters the graph writes, so
+``state.stats()`` stays right. If a capture fails, the host state is restored, the step runs
+eagerly, and the object stays eager from then on (:attr:`GraphedStep.failure` says why).
+
+Returned tensors: a replayed step returns the graph's static output, which the next replay of
+the same object overwrites (copy it to keep it; a model consumes it before the next step of
+the layer). Cloning every step would add a launch and an allocation to exactly the host path
+this removes, and a transformer never needs it.
+
+Streams and memory: capture runs on a side stream (a capture cannot run on the legacy default
+stream) in ``thread_local`` mode, without ``torch.cuda.graph``'s device synchronisation,
+garbage collection and cache flush (costly inside a running model); nothing executes during a
+capture, so work still queued on other streams is no concern, and replays run on the caller's
+current stream, ordered with the model's own work. Each object holds one private memory pool
+(the step's temporaries and output: a few small blocks, one 2 MiB segment in practice) reused
+by its later captures, plus static input buffers; the graph also keeps alive the kernel
+scratch and small device tensors it captured, even if the state replaces them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from . import fused
+from .checks import should_validate
+from .state import DecodeState, MultipoleState
+
+# MultipoleState methods a captured step runs: a subclass overriding one is stepped eagerly
+_STEP_METHODS = (
+    "append",
+    "attend",
+    "_attend",
+    "_attend_fused",
+    "_backend",
+    "_check_query",
+    "_advance_due",
+    "_on_advance",
+    "_reserve_tokens",
+)
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+class GraphedStep:
+    """``append`` one token and ``attend`` one query on a decode state, replayed as a CUDA
+    graph between online updates (see the module docstring for what falls back to eager).
+
+    Args:
+        state: the layer's decode state. Graphs need a :class:`~multipole.MultipoleState` on
+            CUDA whose config resolves to the Triton backend; any other state runs eagerly.
+        enabled: False runs every step eagerly (for comparisons).
+
+    Attributes:
+        replays, captures, eager_steps: how the steps ran (a capture step also replays once
+            and is counted as a capture only).
+        failure: why graphs were switched off after a failed capture (None: they were not).
+    """
+
+    def __init__(self, state: DecodeState, *, enabled: bool = True) -> None:
+        self.state = state
+        self.replays = self.captures = self.eager_steps = 0
+        self.failure: str | None = None
+        cls = type(state)
+        self._enabled = (
+            enabled
+            and isinstance(state, MultipoleState)
+            and state.device.type == "cuda"
+            and all(getattr(cls, m) is getattr(MultipoleState, m) for m in _STEP_METHODS)
+        )
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._held: tuple = ()  # what the graph reads and writes, kept alive
+        self._out: torch.Tensor | None = None
+        self._reads = None
+        # the previous graph: kept until the next capture, so that its memory pool stays live
+        # and is reused (a pool whose graphs are all gone cannot be captured into again)
+        self._keeper: torch.cuda.CUDAGraph | None = None
+        self._pool = None
+        self._warm_key: tuple | None = None  # arguments of the last eager step on the buffers
+        self._warm_held: tuple = ()
+        self._static: tuple | None = None  # input buffers (keys, values, q, lookup_q, ck)
+        self._static_meta: tuple | None = None
+        self._seq_lens: list[int] | None = None  # the state's list when _free was counted
+        self._free = 0  # one-token appends left with no update and no cache growth
+
+    # ------------------------------------------------------------------ the step
+    def __call__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+        *,
+        lookup_q: torch.Tensor | None = None,
+        scale: float | None = None,
+        cluster_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``state.append(keys, values, cluster_keys=cluster_keys)`` then
+        ``state.attend(q, lookup_q=lookup_q, scale=scale)``; returns its output (on a replay:
+        the graph's static output, overwritten by this object's next replay).
+
+        ``keys``, ``values`` (and ``cluster_keys``): ``[B, H_kv, 1, D]``; ``q`` (and
+        ``lookup_q``): ``[B, H_q, D]``, as for the state's own methods. A ``lookup_q`` or
+        ``cluster_keys`` computed from ``state._seq_lens_device`` must be computed before the
+        call (the step adds 1 to it).
+        """
+        inputs = (keys, values, q, lookup_q, cluster_keys)
+        if (
+            not self._enabled
+            or not _plain(inputs, scale)
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return self._eager(inputs, scale, static=False)
+        state = self.state
+        if state.seq_lens is not self._seq_lens:  # stepped eagerly, or appended to elsewhere
+            self._count_free()
+        key = self._key(inputs, scale)
+        if self._free > 0:
+            if self._graph is not None and key == self._graph_key:
+                return self._replay(inputs)
+            if key == self._warm_key:
+                out = self._capture(inputs, key, scale)
+                if out is not None:
+                    return out
+        self._release()
+        return self._eager(inputs, scale, static=self._fused_path(lookup_q is None, keys))
+
+    def release(self) -> None:
+        """Drop the graph, its memory pool and the static buffers (the next step is eager)."""
+        self._release()
+        self._keeper = self._pool = None
+        self._warm_key, self._warm_held = None, ()
+        self._static = self._static_meta = None
+
+    # ------------------------------------------------------------------ internals
+    def _fused_path(self, lookup_is_query: bool, keys: torch.Tensor) -> bool:
+        """Whether the state's attend runs the fused kernels without syncing (graphable)."""
+        state = self.state
+        try:
+            triton = state._backend(lookup_is_query) == "triton"
+        except (RuntimeError, ValueError):  # the eager step raises the state's own error
+            return False
+        return triton and not should_validate(state.config.validate, keys)
+
+    def _count_free(self) -> None:
+        state = self.state
+        stores = (state._keys, state._values, state._cluster_keys, state.index.labels)
+        capacity = min(t.shape[2] for t in stores if t is not None)
+        self._free = min(state.appends_before_update(), capacity - max(state.seq_lens))
+        self._seq_lens = state.seq_lens
+
+    def _key(self, inputs: tuple, scale: float | None) -> tuple:
+        """Everything a capture bakes in: objects by identity (kept alive by
+        :meth:`_identities` while a key is held, so an id cannot be reused), values by value."""
+        state = self.state
+        return (
+            id(state._fused),
+            id(state._keys),
+            id(state._values),
+            id(state._cluster_keys),
+            id(state._seq_lens_device),
+            state.config,
+            tuple(state.clustered_len),
+            tuple(vars(fused.TUNING).values()),
+            scale,
+            *[None if t is None else (t.shape, t.dtype, t.device) for t in inputs],
+        )
+
+    def _identities(self) -> tuple:
+        state = self.state
+        return (
+            state._fused,
+            state._keys,
+            state._values,
+            state._cluster_keys,
+            state._seq_lens_device,
+        )
+
+    def _load(self, inputs: tuple) -> tuple:
+        """The static input buffers, holding ``inputs`` (made again if their shapes change)."""
+        meta = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in inputs)
+        if meta != self._static_meta:
+            self._release()  # the graph reads the old buffers
+            self._warm_key, self._warm_held = None, ()
+            self._static = tuple(
+                None if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                for t in inputs
+            )
+            self._static_meta = meta
+        dst = [s for s in self._static if s is not None]
+        src = [t for t in inputs if t is not None]
+        torch._foreach_copy_(dst, src)
+        return self._static
+
+    def _eager(self, inputs: tuple, scale: float | None, static: bool) -> torch.Tensor:
+        """One eager step; on the static buffers, it warms the capture of the next step."""
+        self.eager_steps += 1
+        self._warm_key, self._warm_held = None, ()
+        keys, values, q, lookup_q, cluster_keys = self._load(inputs) if static else inputs
+        state = self.state
+        state.append(keys, values, cluster_keys=cluster_keys)
+        out = state.attend(q, lookup_q=lookup_q, scale=scale)
+        if static:
+            self._warm_key, self._warm_held = self._key(inputs, scale), self._identities()
+        return out
+
+    def _replay(self, inputs: tuple) -> torch.Tensor:
+        dst = [s for s in self._static if s is not None]
+        torch._foreach_copy_(dst, [t for t in inputs if t is not None])
+        self._graph.replay()
+        state = self.state
+        state.seq_lens = self._seq_lens = [n + 1 for n in state.seq_lens]
+        state._reads = self._reads
+        self._free -= 1
+        self.replays += 1
+        return self._out
+
+    def _capture(self, inputs: tuple, key: tuple, scale: float | None) -> torch.Tensor | None:
+        """Capture this step, then replay it once; None (host state restored, graphs off) if
+        the capture fails."""
+        state = self.state
+        keys, values, q, lookup_q, cluster_keys = self._load(inputs)
+        saved = state.seq_lens, state._reads
+        device = state.device
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    state.append(keys, values, cluster_keys=cluster_keys)
+                    out = state.attend(q, lookup_q=lookup_q, scale=scale)
+                finally:
+                    graph.capture_end()
+        except Exception as error:  # any failure: restore the host state, step eagerly
+            state.seq_lens, state._reads = saved
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            with contextlib.suppress(Exception):  # a failed capture may leave it recording
+                torch._C._cuda_endAllocateToPool(index, self._pool)
+            self._enabled = False
+            self.failure = f"{type(error).__name__}: {error}"
+            self.release()
+            warnings.warn(
+                f"GraphedStep: CUDA graph capture failed, stepping eagerly from now on "
+                f"({self.failure})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self._graph, self._graph_key, self._keeper = graph, key, None
+        layout = state._fused
+        self._held = (
+            self._identities(),
+            self._static,
+            () if layout is None else (*layout.scratch.values(), *layout.workspace.values()),
+            tuple(state._device_cache.values()),
+        )
+        self._out, self._reads = out, state._reads
+        self._warm_key, self._warm_held = None, ()
+        # the capture ran the host side of the step (seq_lens moved on), this runs the device side
+        graph.replay()
+        self._seq_lens = state.seq_lens
+        self._free -= 1
+        self.captures += 1
+        return out
+
+    def _release(self) -> None:
+        """Forget the graph (stale); its memory pool stays live for the next capture."""
+        if self._graph is not None:
+            self._keeper = self._graph
+            self._graph = self._graph_key = self._out = self._reads = None
+            self._held = ()
+
+
+def _plain(inputs: tuple, scale: object) -> bool:
+    """Inputs a graph can take: tensors (keys, values, q; optional others), one new token, no
+    autograd, a plain scale. Anything else steps eagerly (and the state raises if invalid)."""
+    keys = inputs[0]
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] != 1:
+        return False
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+        return False
+    grad = torch.is_grad_enabled()
+    for i, t in enumerate(inputs):
+        if t is None and i > 2:
+            continue
+        if not isinstance(t, torch.Tensor) or (grad and t.requires_grad):
+            return False
+    return True
