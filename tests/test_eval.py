@@ -87,8 +87,15 @@ def test_dense_method_through_the_cache_matches_stock_decoding(gen):
     ids = torch.randint(1, 128, (2, 330), generator=gen)
     full = dataclasses.replace(SMALL_BASE, token_budget=10**9)
     runs = [Run("dense_state", "dense", full), Run("multipole_full", "multipole", full)]
-    results = teacher_forced(model, ids, 300, runs)
+    partial = []
+    results = teacher_forced(model, ids, 300, runs, checkpoint=partial.append, checkpoint_every=8)
     assert set(results) == {"dense", "dense_state", "multipole_full"}
+    # a stopped run keeps its first part: the checkpoints are prefixes of the final results
+    assert [p["multipole_full"].nll.shape[1] for p in partial] == [8, 16, 24]
+    for p in partial:
+        n = p["dense"].nll.shape[1]
+        assert torch.equal(p["dense"].nll, results["dense"].nll[:, :n])
+        assert len(p["multipole_full"].read_fraction) == n
     for label in ("dense_state", "multipole_full"):
         assert float(results[label].kl.max()) < 1e-5, label
         torch.testing.assert_close(results[label].nll, results["dense"].nll, atol=1e-4, rtol=1e-3)

@@ -9,6 +9,7 @@ methods differ only in how they decode.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +58,22 @@ class TeacherForced:
 
 @torch.no_grad()
 def teacher_forced(
-    model, input_ids: torch.Tensor, prefix: int, runs: list[Run], progress=None
+    model,
+    input_ids: torch.Tensor,
+    prefix: int,
+    runs: list[Run],
+    progress=None,
+    *,
+    checkpoint: Callable[[dict[str, TeacherForced]], None] | None = None,
+    checkpoint_every: int = 256,
 ) -> dict[str, TeacherForced]:
     """Prefill ``input_ids[:, :prefix]`` densely, then feed tokens ``prefix .. N-2`` one at a
     time through every run in lockstep (online updates included), each predicting the next.
 
     The reference for the KL is stock dense decoding (``Run(label, None)``, added if absent),
-    stepped alongside, so nothing of size ``N x vocab`` is stored.
+    stepped alongside, so nothing of size ``N x vocab`` is stored. ``checkpoint`` gets the
+    results over the tokens decoded so far every ``checkpoint_every`` steps, so a run that is
+    stopped (a time limit) still leaves its first part.
     """
     _use_multipole_attention(model)
     if not any(run.method is None for run in runs):
@@ -93,9 +103,18 @@ def teacher_forced(
             kl[run.label][:, i] = (dense.exp() * (dense - log_probs[run.label])).sum(-1)
         if progress is not None:
             progress.update(1)
+        if checkpoint is not None and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+            checkpoint(_results(runs, nll, kl, fractions, i + 1))
+    return _results(runs, nll, kl, fractions, steps)
+
+
+def _results(runs, nll, kl, fractions, steps: int) -> dict[str, TeacherForced]:
+    """The first ``steps`` decoded positions of every run, on the host."""
     return {
         run.label: TeacherForced(
-            nll[run.label].cpu(), kl[run.label].clamp_min(0).cpu(), fractions[run.label]
+            nll[run.label][:, :steps].cpu(),
+            kl[run.label][:, :steps].clamp_min(0).cpu(),
+            fractions[run.label][:steps],
         )
         for run in runs
     }

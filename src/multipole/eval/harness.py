@@ -171,7 +171,14 @@ def run_eval(
         summary["tasks"]["fidelity"] = fidelity_task(model, ids, runs, settings, bar)
     if "perplexity" in settings.tasks:
         ids = _tensor(windows, settings.context + settings.decode_tokens + 1, device)
-        summary["tasks"]["perplexity"] = perplexity_task(model, ids, runs, settings, bar)
+
+        def save_partial(metrics: dict) -> None:  # kept if the run is stopped
+            summary["tasks"]["perplexity"] = metrics
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+        summary["tasks"]["perplexity"] = perplexity_task(
+            model, ids, runs, settings, bar, save_partial
+        )
     if "retrieval" in settings.tasks:
         summary["tasks"]["retrieval"] = retrieval_task(
             model, tokenizer, runs, settings, samples_path, bar
@@ -199,14 +206,26 @@ def fidelity_task(model, ids, runs: list[Run], settings: EvalSettings, bar) -> d
     return results
 
 
-def perplexity_task(model, ids, runs: list[Run], settings: EvalSettings, bar) -> dict:
+def perplexity_task(
+    model, ids, runs: list[Run], settings: EvalSettings, bar, save_partial=None
+) -> dict:
+    """Teacher-forced perplexity and KL; ``save_partial`` receives the metrics over the tokens
+    decoded so far every 256 steps (a stopped run keeps them)."""
     steps = ids.shape[1] - 1 - settings.context
+    checkpoint = None if save_partial is None else lambda r: save_partial(_perplexity_metrics(r))
     with bar(total=steps, desc=f"teacher-forced ({len(runs) + 1} runs in lockstep)") as progress:
-        results = teacher_forced(model, ids, settings.context, runs, progress)
+        results = teacher_forced(
+            model, ids, settings.context, runs, progress, checkpoint=checkpoint
+        )
+    return _perplexity_metrics(results)
+
+
+def _perplexity_metrics(results) -> dict:
     out = {}
     for label, r in results.items():
         half = r.kl.shape[1] // 2
         out[label] = {
+            "decoded_tokens": r.kl.shape[1],
             "perplexity": math.exp(float(r.nll.mean())),
             "kl": float(r.kl.mean()),
             "kl_first_half": float(r.kl[:, :half].mean()),
