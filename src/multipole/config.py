@@ -35,10 +35,12 @@ class MultipoleConfig:
     and the clustered region between them. The clustered region is cut into blocks of
     ``block_size`` tokens, each clustered on its own with k-means into
     ``centroid_ratio * block_len`` clusters. At decode, clusters are ranked by their estimated
-    attention mass and taken in that order while their tokens fit in ``token_budget``; those
-    tokens are attended exactly, every other cluster enters the softmax as its centroid
-    weighted by its size (the far field, ``replacement=True``) or is dropped
-    (``replacement=False``, the centroid-only variant).
+    attention mass and taken in that order until ``token_budget`` tokens are taken: whole
+    clusters, then the first tokens of the next one (the paper's code stops at the first
+    cluster that does not fit, which leaves budget unused). Those tokens are attended exactly;
+    every token not taken enters the softmax through its cluster's centroid (the far field,
+    ``replacement=True``: a cluster counts as its untaken tokens, at its key centroid with their
+    mean value) or is dropped (``replacement=False``, the centroid-only variant).
 
     Attributes:
         centroid_ratio: clusters per clustered token (1/16: one centroid per 16 keys).

@@ -20,7 +20,7 @@ from .fused import FusedLayout, fused_decode
 from .index import ClusterIndex, grow
 from .ops.decode import attend_tokens, far_field, merge_states
 from .ops.kernel_utils import kernels_available, triton_installed
-from .ops.lookup import cluster_logits, log_importance, select_by_budget
+from .ops.lookup import cluster_logits, log_importance, select_by_budget, take_by_budget
 
 
 @dataclass(frozen=True)
@@ -392,10 +392,11 @@ class MultipoleState(DecodeState):
     any device; the specification) or the fused Triton kernels (CUDA, ``levels == 1``).
 
     Each decode step scores the centroids of every KV head with the query group, takes the
-    clusters of highest estimated attention mass while their tokens fit in the token budget,
-    attends exactly to those tokens plus the sink and the recent window, and adds every other
-    cluster as its size-weighted centroid (the far field) in the same softmax. With a budget
-    that covers the whole middle region the result is dense attention.
+    clusters of highest estimated attention mass until the token budget is filled (the last
+    one in part: ``take_by_budget``), attends exactly to those tokens plus the sink and the
+    recent window, and adds every token not taken through its cluster's size-weighted centroid
+    (the far field) in the same softmax. With a budget that covers the whole middle region the
+    result is dense attention.
 
     Example:
         >>> import torch, multipole
@@ -551,20 +552,29 @@ class MultipoleState(DecodeState):
             scored = live1.sum(-1) + candidates.sum(-1)
 
         score0 = log_importance(z0, candidates, log_denominator)
-        selected = select_by_budget(
+        taken = take_by_budget(
             score0, level0.sizes, candidates, self._per_sequence(cfg.budget_tokens)
         )
 
         exact, middle, _ = self._regions()
         labels = index.labels[:, :, :n]
-        chosen = selected.gather(-1, labels.clamp_min(0)) & (labels >= 0)
+        # a cluster's first `taken` tokens (in position order) are attended exactly
+        chosen = (labels >= 0) & (_rank_in_cluster(labels) < taken.gather(-1, labels.clamp_min(0)))
         token_mask = exact | (middle & chosen)
         out, lse = attend_tokens(q, self.keys, self.values, token_mask, scale)
 
         if cfg.replacement:
+            # the far field of every cluster counts the tokens not taken: their number and
+            # the mean of their values (a partly taken cluster keeps its key centroid)
             far_q, keys0 = self._far_field_inputs(q, lookup_q, level0)
+            left = torch.where(candidates, level0.sizes - taken, 0)
             far = far_field(
-                far_q, keys0, level0.value_centroids, level0.sizes, candidates & ~selected, scale
+                far_q,
+                keys0,
+                self._values_left(level0, taken, middle & chosen),
+                left,
+                left > 0,
+                scale,
             )
             out, lse = merge_states(out, lse, *far)
             if unopened is not None:
@@ -578,12 +588,26 @@ class MultipoleState(DecodeState):
         centroid_bytes = _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), separate)
         reads = Reads(
             tokens_exact=token_mask.sum(-1),
-            clusters_selected=selected.sum(-1),
+            clusters_selected=(taken > 0).sum(-1),
             centroids_scored=scored,
             metadata_bytes=scored * centroid_bytes,
             token_mask=token_mask,
         )
         return out, lse, reads
+
+    def _values_left(self, level, taken, chosen):
+        """Mean values ``[B, H_kv, C, D]`` of the tokens of each cluster not taken: the value
+        centroid where nothing was taken, the mean of the rest for a partly taken cluster."""
+        partial = (taken > 0) & (taken < level.sizes)
+        n = chosen.shape[-1]
+        labels = self.index.labels[:, :, :n].clamp_min(0)
+        values = self.values[:, :, :n].to(level.value_centroids.dtype)
+        taken_sum = torch.zeros_like(level.value_centroids).scatter_add_(
+            2, labels.unsqueeze(-1).expand_as(values), values * chosen.unsqueeze(-1)
+        )
+        total = level.value_centroids * level.sizes.unsqueeze(-1)
+        rest = (total - taken_sum) / (level.sizes - taken).clamp_min(1).unsqueeze(-1)
+        return torch.where(partial.unsqueeze(-1), rest, level.value_centroids)
 
     def _far_field_inputs(self, q, lookup_q, level):
         """Query and key centroids of the far-field logits (see ``config.far_field_keys``)."""
@@ -650,6 +674,19 @@ def _centroid_bytes(
     centroid (and attention-key centroid when kept apart), and a 4-byte size."""
     vectors = 1 + (2 if separate_attention_keys else 1) * config.replacement
     return vectors * head_dim * elem_size + 4
+
+
+def _rank_in_cluster(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N]``: how many earlier positions carry the same label (the fused kernels'
+    order within a cluster is by position too)."""
+    n = labels.shape[-1]
+    positions = torch.arange(n, device=labels.device)
+    order = torch.sort(labels.to(torch.int64) * n + positions, dim=-1).indices
+    sorted_labels = labels.gather(-1, order)
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[..., 1:] = sorted_labels[..., 1:] != sorted_labels[..., :-1]
+    first = torch.where(starts, positions, 0).cummax(-1).values
+    return torch.empty_like(order).scatter_(-1, order, positions - first)
 
 
 def _masked_logsumexp(x: torch.Tensor, include: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,10 @@ def test_fused_matches_reference(gen, case):
     assert rel_err(out, ref) < REL_TOL[dtype]
     assert torch.equal(state._reads.tokens_exact.cpu(), ref_reads.tokens_exact.cpu())
     assert torch.equal(state._reads.clusters_selected.cpu(), ref_reads.clusters_selected.cpu())
+    # the budget is filled to the token (the boundary cluster gives the rest), not to the
+    # last whole cluster that fits
+    filled = [n - c + min(budget, c) for n, c in zip(lengths, state.clustered_len, strict=True)]
+    assert ref_reads.tokens_exact.cpu().tolist() == [[t] * h for t in filled]
     if budget >= max(lengths):
         assert rel_err(out, dense_attention(q, k.to(device), v.to(device), lengths=lengths)) < 1e-5
 

@@ -56,7 +56,7 @@ def budget_for_read_fraction(
     The fixed bytes (sink, recent window, centroids or page summaries, right after prefill)
     come from the method's ``fixed_bytes_per_head``; the rest of the bytes buy whole tokens
     (``2 * head_dim * elem_size`` bytes each). A method may read less than the target when its
-    selection does not fill the budget (whole clusters or pages), or when the budget exceeds
+    selection does not fill the budget (Quest's whole pages), or when the budget exceeds
     the middle region. ``"dense"`` returns ``config`` unchanged.
 
     Raises:

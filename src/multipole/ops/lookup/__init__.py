@@ -1,3 +1,3 @@
-from .reference import cluster_logits, log_importance, select_by_budget
+from .reference import cluster_logits, log_importance, select_by_budget, take_by_budget
 
-__all__ = ["cluster_logits", "log_importance", "select_by_budget"]
+__all__ = ["cluster_logits", "log_importance", "select_by_budget", "take_by_budget"]

@@ -325,7 +325,9 @@ def _select_row(
 ):
     """Budget selection of one row: the largest set ``{score > t}`` whose sizes fit in the
     budget, by bisection on the score values (each step halves the span of the scores still
-    undecided, so it stops once they are one value), then compaction in cluster order.
+    undecided, so it stops once they are one value), plus the first tokens of the best cluster
+    left (lowest index on ties) up to the budget (``take_by_budget``), then compaction in
+    cluster order.
 
     For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
     slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
@@ -352,6 +354,8 @@ def _select_row(
     # 2. Threshold. Invariant: {s > hi} fits, {s > lo} does not; the undecided scores, those
     # in (lo, hi], span [b_min, b_max].
     threshold = tl.full((), float("-inf"), tl.float32)
+    boundary = tl.full((), -1, tl.int32)  # the cluster that gives the rest of the budget
+    rest = tl.full((), 0, tl.int32)
     if total > budget:
         lo = tl.full((), float("-inf"), tl.float32)
         hi = s_max
@@ -376,6 +380,27 @@ def _select_row(
             b_min = tl.where(fits, b_min, upper)
             steps += 1
         threshold = hi
+        # 2b. The boundary: the best live score at or below the threshold, lowest index first;
+        # it gives what the whole clusters above the threshold leave of the budget.
+        whole = tl.sum(tl.where(s_all > threshold, w_all, 0))
+        below = tl.max(tl.where((s_all <= threshold) & (w_all > 0), s_all, float("-inf")))
+        if not one_tile:
+            for c0 in range(TILE, num_clusters, TILE):
+                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                whole += tl.sum(tl.where(s > threshold, w, 0))
+                below = tl.maximum(
+                    below, tl.max(tl.where((s <= threshold) & (w > 0), s, float("-inf")))
+                )
+        cs0 = tl.arange(0, TILE)
+        boundary = tl.min(tl.where((s_all == below) & (w_all > 0), cs0, num_clusters))
+        if not one_tile:
+            for c0 in range(TILE, num_clusters, TILE):
+                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                cs = c0 + cs0
+                boundary = tl.minimum(
+                    boundary, tl.min(tl.where((s == below) & (w > 0), cs, num_clusters))
+                )
+        rest = (budget - whole).to(tl.int32)
 
     # 3. Compaction in cluster order: rank and first slot of every selected cluster.
     offs = tl.arange(0, TILE)
@@ -386,8 +411,9 @@ def _select_row(
         if c0 > 0:
             s_all, w_all = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
         cs = c0 + offs
-        selected = s_all > threshold
-        sel_w = tl.where(selected, w_all, 0)
+        part = tl.where(cs == boundary, tl.minimum(rest, w_all), 0)
+        sel_w = tl.where(s_all > threshold, w_all, part)
+        selected = sel_w > 0
         rank = rank0 + tl.cumsum(selected.to(tl.int32), axis=0) - 1
         first = slot0 + tl.cumsum(sel_w, axis=0) - sel_w
         offset = tl.load(OFFSETS + row + cs, mask=selected, other=0)

@@ -64,3 +64,39 @@ def select_by_budget(
     selected = torch.zeros_like(include)
     selected.scatter_(-1, order, fits)
     return selected & include
+
+
+def take_by_budget(
+    score: torch.Tensor, sizes: torch.Tensor, include: torch.Tensor, budget: torch.Tensor
+) -> torch.Tensor:
+    """Tokens taken from each cluster to fill the budget: whole clusters in descending score,
+    then the rest of the budget from the next cluster (its first tokens), so no budget is left
+    unused because the next cluster is larger than what remains.
+
+    Precisely (the fused kernels' threshold rule): let ``b`` be the score of the first cluster,
+    in descending score order, at which the running size exceeds the budget. Every included
+    cluster scored above ``b`` is taken whole; the included cluster of score ``b`` with the
+    lowest index gives ``min(rest, size)`` tokens, ``rest`` being the budget left; other
+    clusters give none. When everything fits, every included cluster is taken whole.
+
+    Args:
+        score: ``[B, H_kv, C]``; sizes: ``[B, H_kv, C]`` int; include: ``[B, H_kv, C]`` bool.
+        budget: ``[B]`` int tokens per KV head.
+    Returns:
+        ``[B, H_kv, C]`` int64, tokens taken per cluster.
+    """
+    include = include & (sizes > 0)
+    sizes = torch.where(include, sizes, 0).to(torch.int64)
+    ranked = score.masked_fill(~include, NEG_INF)
+    sorted_score, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
+    budget = budget.view(-1, 1, 1).to(torch.int64)
+    over = sizes.gather(-1, order).cumsum(-1) > budget
+    spills = over.any(-1, keepdim=True)
+    boundary_score = sorted_score.gather(-1, over.to(torch.int8).argmax(-1, keepdim=True))
+    whole = include & ((ranked > boundary_score) | ~spills)
+    taken = torch.where(whole, sizes, 0)
+    # the boundary cluster: first in score order (lowest index) among those scored b
+    boundary = order.gather(-1, (sorted_score > boundary_score).sum(-1, keepdim=True))
+    rest = (budget - taken.sum(-1, keepdim=True)).clamp_min(0)
+    part = torch.minimum(rest, sizes.gather(-1, boundary)) * spills
+    return taken.scatter_add(-1, boundary, part)
