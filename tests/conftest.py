@@ -35,3 +35,16 @@ def gen(request) -> torch.Generator:
     """A CPU generator seeded from the session seed and the test id."""
     seed = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernels run: CUDA, else the CPU under ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    from multipole.ops.kernel_utils import interpreting
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not interpreting():
+        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
+    return torch.device("cpu")

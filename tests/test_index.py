@@ -143,22 +143,11 @@ def test_seeds_follow_the_global_kv_head(gen):
     assert not torch.equal(other.index.labels, full.index.labels[:, 2:])
 
 
-def _kernel_device() -> torch.device:
-    pytest.importorskip("triton")
-    from multipole.ops.kernel_utils import interpreting
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not interpreting():
-        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
-    return torch.device("cpu")
-
-
 @pytest.mark.parametrize("levels", [1, 2])
-def test_kmeans_kernels_build_the_same_index(gen, levels):
+def test_kmeans_kernels_build_the_same_index(gen, levels, kernel_device):
     """backend='triton': level-0 k-means on the Triton kernels (prefill and online updates,
     ragged batch): the index invariants hold and the clusters agree with the reference."""
-    device = _kernel_device()
+    device = kernel_device
     cfg = dataclasses.replace(CFG, levels=levels)
     k = torch.randn(2, 1, 300, 8, generator=gen)
     v = torch.randn(2, 1, 300, 8, generator=gen)

@@ -11,19 +11,10 @@ from multipole import MultipoleConfig, MultipoleState, dense_attention
 
 triton = pytest.importorskip("triton")
 
-from multipole.ops.kernel_utils import interpreting  # noqa: E402
 
 BASE = MultipoleConfig(interval=32, block_size=256, sink_tokens=4, token_budget=96)
 # output tolerance vs the reference path on the same values, per cache dtype
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not interpreting():
-        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
-    return torch.device("cpu")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,9 +56,9 @@ CASES = [
         for c in CASES
     ],
 )
-def test_fused_matches_reference(gen, case):
+def test_fused_matches_reference(gen, case, kernel_device):
     b, lengths, h, g, d, dtype, replacement, budget = case
-    device = _device()
+    device = kernel_device
     k, v = _planted(gen, b, h, max(lengths), d, dtype)
     cfg = dataclasses.replace(BASE, replacement=replacement, token_budget=budget)
     state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=lengths)
@@ -92,8 +83,8 @@ def test_fused_matches_reference(gen, case):
         assert rel_err(out, dense_attention(q, k.to(device), v.to(device), lengths=lengths)) < 1e-5
 
 
-def test_fused_follows_appends_and_online_updates(gen):
-    device = _device()
+def test_fused_follows_appends_and_online_updates(gen, kernel_device):
+    device = kernel_device
     k, v = _planted(gen, 2, 2, 600, 32, torch.float32)
     state = MultipoleState.prefill(k.to(device), v.to(device), BASE, lengths=[600, 450])
     for _ in range(3):
@@ -106,8 +97,8 @@ def test_fused_follows_appends_and_online_updates(gen):
         assert torch.equal(state._reads.tokens_exact.cpu(), ref_tokens.to(torch.int32))
 
 
-def test_fused_on_a_non_contiguous_cache_and_a_huge_budget(gen):
-    device = _device()
+def test_fused_on_a_non_contiguous_cache_and_a_huge_budget(gen, kernel_device):
+    device = kernel_device
     k, v = _planted(gen, 1, 2, 700, 32, torch.float32)
     k, v = k.transpose(1, 2).contiguous().transpose(1, 2), v  # same values, other strides
     cfg = dataclasses.replace(BASE, token_budget=10**9)
@@ -149,13 +140,13 @@ TUNINGS = {
 
 
 @pytest.mark.parametrize("name", list(TUNINGS))
-def test_launch_variants_match_reference(gen, name, monkeypatch):
+def test_launch_variants_match_reference(gen, name, monkeypatch, kernel_device):
     """Many small clusters (ratio 1/2), so one tile of the exact pass holds tokens of many
     clusters and the selected list is longer than a window."""
     from multipole import fused
 
     monkeypatch.setattr(fused, "TUNING", fused.Tuning(**TUNINGS[name]))
-    device = _device()
+    device = kernel_device
     cfg = dataclasses.replace(BASE, centroid_ratio=0.5, token_budget=300)
     k, v = _planted(gen, 2, 1, 560, 16, torch.float32)
     state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=[560, 523])

@@ -109,15 +109,6 @@ def test_no_groups_returns_empty():
 
 
 # ---------------------------------------------------------------------- Triton kernels
-def _kernel_device() -> torch.device:
-    pytest.importorskip("triton")
-    from multipole.ops.kernel_utils import interpreting
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not interpreting():
-        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
-    return torch.device("cpu")
 
 
 def _ragged(gen, device, dtype=torch.float32):
@@ -139,10 +130,10 @@ def _ragged(gen, device, dtype=torch.float32):
     return pts, store[:, :n].float().cpu(), weights, kc, init
 
 
-def test_kernel_lloyd_matches_the_reference(gen):
+def test_kernel_lloyd_matches_the_reference(gen, kernel_device):
     from multipole.ops.kmeans import kernel as km
 
-    device = _kernel_device()
+    device = kernel_device
     pts, x, w, kc, init = _ragged(gen, device)
     labels, cent, sizes = km.lloyd(pts, init.clone().to(device), kc.to(device), 3)
     ref = kmeans(x, kc, 3, weights=w, init=init)
@@ -159,10 +150,10 @@ def test_kernel_lloyd_matches_the_reference(gen):
         assert int(labels[i].max()) < k and float(sizes[i, k:].sum()) == 0
 
 
-def test_kernel_assignment_is_nearest(gen):
+def test_kernel_assignment_is_nearest(gen, kernel_device):
     from multipole.ops.kmeans import kernel as km
 
-    device = _kernel_device()
+    device = kernel_device
     pts, x, w, kc, _ = _ragged(gen, device)
     cent = torch.randn(3, 20, 16, generator=gen)
     labels, sqd = km.assign(pts, cent.to(device), kc.to(device, torch.int32))
@@ -179,10 +170,10 @@ def test_kernel_assignment_is_nearest(gen):
     torch.testing.assert_close(sqd[valid], ref_sqd[valid], rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_reseeds_empty_clusters_and_means_of_values(gen):
+def test_kernel_reseeds_empty_clusters_and_means_of_values(gen, kernel_device):
     from multipole.ops.kmeans import kernel as km
 
-    device = _kernel_device()
+    device = kernel_device
     pts, x, w, kc, _ = _ragged(gen, device, torch.float16)
     init = x[:, :1].expand(-1, 20, -1).clone() + 100.0  # every cluster but one starts empty
     labels, cent, sizes = km.lloyd(pts, init.to(device), kc.to(device), 4)
@@ -193,10 +184,10 @@ def test_kernel_reseeds_empty_clusters_and_means_of_values(gen):
     torch.testing.assert_close(vm, torch.where(counts[..., None] > 0, means, 0.0))
 
 
-def test_kernel_priority_is_hash_uniform():
+def test_kernel_priority_is_hash_uniform(kernel_device):
     from multipole.ops.kmeans import kernel as km
 
-    device = _kernel_device()
+    device = kernel_device
     heads, starts = torch.tensor([0, 3, 7]), torch.tensor([5, 1000, 2**31 + 7])
     count = torch.tensor([10, 3, 20])
     prio = km.priority(2**32 + 12345, heads.to(device), starts.to(device), count.to(device), 20)
