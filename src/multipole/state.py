@@ -597,14 +597,13 @@ class MultipoleState(DecodeState):
 
     def _values_left(self, level, taken, chosen):
         """Mean values ``[B, H_kv, C, D]`` of the tokens of each cluster not taken: the value
-        centroid where nothing was taken, the mean of the rest for a partly taken cluster."""
-        partial = (taken > 0) & (taken < level.sizes)
+        centroid, except for the one partly taken cluster of a row (``take_by_budget`` cuts
+        at most one), whose untaken tokens average ``(N Vc - sum of taken values) / (N - t)``."""
+        partial = (taken > 0) & (taken < level.sizes)  # [B, H_kv, C], at most one per row
         n = chosen.shape[-1]
-        labels = self.index.labels[:, :, :n].clamp_min(0)
+        in_partial = chosen & partial.gather(-1, self.index.labels[:, :, :n].clamp_min(0))
         values = self.values[:, :, :n].to(level.value_centroids.dtype)
-        taken_sum = torch.zeros_like(level.value_centroids).scatter_add_(
-            2, labels.unsqueeze(-1).expand_as(values), values * chosen.unsqueeze(-1)
-        )
+        taken_sum = (values * in_partial.unsqueeze(-1)).sum(2, keepdim=True)  # [B, H_kv, 1, D]
         total = level.value_centroids * level.sizes.unsqueeze(-1)
         rest = (total - taken_sum) / (level.sizes - taken).clamp_min(1).unsqueeze(-1)
         return torch.where(partial.unsqueeze(-1), rest, level.value_centroids)
