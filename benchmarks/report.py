@@ -99,7 +99,8 @@ def needle_table(report: dict) -> str:
 
 EVAL_COLUMNS = {
     "fidelity": [("rel_error", "attn. rel. error", ".3f"), ("mass", "mass captured", ".3f")],
-    "perplexity": [("perplexity", "PPL", ".2f"), ("kl", "KL", ".4f"),
+    "perplexity": [("decoded_tokens", "tokens", "d"), ("perplexity", "PPL", ".2f"),
+                   ("kl", "KL", ".4f"),
                    ("kl_first_half", "KL 1st half", ".4f"),
                    ("kl_second_half", "KL 2nd half", ".4f")],
     "retrieval": [("accuracy", "retrieval acc.", ".2f"), ("agreement", "agreement", ".2f")],

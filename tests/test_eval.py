@@ -146,3 +146,40 @@ def test_run_eval_writes_every_output(gen, tmp_path):
         assert 0.2 < summary["tasks"]["fidelity"][label]["read_fraction"] < 0.3
         assert summary["tasks"]["perplexity"][label]["kl"] > 0
     assert (tmp_path / "metrics_vs_read_fraction.png").stat().st_size > 0
+
+
+class _LengthTokenizer:
+    """Chat template of a prompt of ``int(content)`` random tokens; every output reads '7'."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def apply_chat_template(self, messages, **kwargs):
+        length = int(messages[0]["content"])
+        return {"input_ids": torch.randint(1, 128, (1, length), generator=self.gen)}
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "Answer: 7"
+
+
+def test_gsm_runs_are_sized_for_each_prompt(gen, tmp_path, monkeypatch):
+    """A GSM prompt is much shorter than ``settings.context``: budgets sized for the context
+    would read everything. Each problem's runs read about the fraction at its own length."""
+    from multipole import data
+
+    problems = [data.ReasoningSample(str(n), "7", [{"role": "user", "content": str(n)}])
+                for n in (260, 700)]  # fmt: skip
+    monkeypatch.setattr(data, "gsm_tasks", lambda count, seed=0: problems[:count])
+    model = tiny_model("llama", int(torch.randint(1000, (1,), generator=gen)))
+    settings = EvalSettings(
+        tasks=("gsm",), methods=("window",), fractions=(1 / 4,), context=4096,
+        gsm_samples=2, gsm_new_tokens=8, base=SMALL_BASE,
+    )  # fmt: skip
+    summary = run_eval(model, _LengthTokenizer(gen), settings, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    window = [r for r in rows if r["run"] == "window@1/4"]
+    assert [r["prompt_tokens"] for r in window] == [260, 700]
+    for row in window:  # the recent window moves with the update interval: +-32 tokens
+        assert row["read_fraction"] == pytest.approx(0.25, rel=0.25), row
+    assert summary["tasks"]["gsm"]["dense"]["accuracy"] == 1.0
+    assert summary["tasks"]["gsm"]["window@1/4"]["samples"] == 2

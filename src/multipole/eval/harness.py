@@ -184,7 +184,7 @@ def run_eval(
             model, tokenizer, runs, settings, samples_path, bar
         )
     if "gsm" in settings.tasks:
-        summary["tasks"]["gsm"] = gsm_task(model, tokenizer, runs, settings, samples_path, bar)
+        summary["tasks"]["gsm"] = gsm_task(model, tokenizer, head_dim, settings, samples_path, bar)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir)
     return summary
@@ -277,11 +277,15 @@ def retrieval_task(model, tokenizer, runs, settings: EvalSettings, samples_path,
     }
 
 
-def gsm_task(model, tokenizer, runs, settings: EvalSettings, samples_path, bar) -> dict:
+def gsm_task(model, tokenizer, head_dim: int, settings: EvalSettings, samples_path, bar) -> dict:
+    """Chain-of-thought answers; each problem's runs are sized for its own prompt plus the
+    generated tokens (a GSM prompt is far shorter than ``settings.context``), and a run the
+    sink and window alone exceed at that length is left out for that problem."""
     from ..data import gsm_tasks, reasoning_score
 
     scores: dict[str, list[float]] = {}
     agreement: dict[str, list[float]] = {}
+    fractions: dict[str, list[float]] = {}
     device = next(model.parameters()).device
     for i, sample in enumerate(
         bar(gsm_tasks(settings.gsm_samples, seed=settings.seed), desc="gsm")
@@ -290,6 +294,7 @@ def gsm_task(model, tokenizer, runs, settings: EvalSettings, samples_path, bar) 
             sample.prompt_messages, add_generation_prompt=True, return_tensors="pt",
             return_dict=True,
         )["input_ids"].to(device)  # fmt: skip
+        runs, _ = runs_for(settings, ids.shape[1] + settings.gsm_new_tokens, head_dim)
         outputs = generate(model, ids, [Run("dense", None), *runs], settings.gsm_new_tokens)
         dense_tokens = outputs["dense"][0]
         for label, (tokens, fraction) in outputs.items():
@@ -298,12 +303,19 @@ def gsm_task(model, tokenizer, runs, settings: EvalSettings, samples_path, bar) 
             agree = token_agreement(tokens, dense_tokens)
             scores.setdefault(label, []).append(score)
             agreement.setdefault(label, []).append(agree)
+            fractions.setdefault(label, []).append(fraction)
             _append(samples_path, {
                 "task": "gsm", "sample": i, "run": label, "answer": sample.answer,
                 "output": text, "score": score, "agreement": agree, "read_fraction": fraction,
+                "prompt_tokens": ids.shape[1],
             })  # fmt: skip
     return {
-        label: {"accuracy": _mean(scores[label]), "agreement": _mean(agreement[label])}
+        label: {
+            "accuracy": _mean(scores[label]),
+            "agreement": _mean(agreement[label]),
+            "read_fraction": _mean(fractions[label]),
+            "samples": len(scores[label]),
+        }
         for label in scores
     }
 
