@@ -44,6 +44,8 @@ for name in "${runs[@]}"; do
       --decode-tokens 2048 --fractions 1/16 --methods quest,oracle_topk,window ;;
     ppl2k_mp) eval_run ppl2k_mp 230 --tasks perplexity --context 4096 --windows 4 \
       --decode-tokens 2048 --fractions 1/16 --methods multipole ;;
+    ppl2k) eval_run ppl2k 540 --tasks perplexity --context 4096 --windows 4 \
+      --decode-tokens 2048 --fractions 1/16 --methods multipole,centroid_only,quest ;;
     fidelity2) eval_run fidelity2 120 --tasks fidelity --context 4096 --windows 4 \
       --fidelity-steps 128 --fractions 1/64,1/32,1/16,1/8 ;;
     retrieval2) eval_run retrieval2 200 --tasks retrieval --context 4096 --retrieval-samples 3 \

@@ -50,6 +50,7 @@ import contextvars
 import functools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -302,7 +303,7 @@ class MultipoleCache(Cache):
     def read_fraction(self) -> float:
         """Bytes of keys, values and metadata the last decode step read over the dense bytes,
         summed over layers (a layer kept dense, or not decoding yet, counts as a full read)."""
-        read = dense = 0
+        read, dense, decoding = 0, 0, []
         for layer in self.layers:
             state = getattr(layer, "state", None)
             if state is None or state._reads is None:
@@ -310,8 +311,11 @@ class MultipoleCache(Cache):
                 layer_bytes = 0 if keys is None else 2 * keys.numel() * keys.element_size()
                 read, dense = read + layer_bytes, dense + layer_bytes
             else:
-                stats = state.stats()
-                read, dense = read + stats.bytes_read, dense + stats.dense_bytes
+                layer_read, layer_dense = state.bytes_read()
+                decoding.append(layer_read)
+                dense += layer_dense
+        if decoding:  # one sync for all layers
+            read += int(torch.stack(decoding).sum())
         return read / dense if dense else 1.0
 
     def memory_bytes(self) -> int:
@@ -334,6 +338,15 @@ class MultipoleCache(Cache):
                 f"has a layer {index}"
             )
         return self.layer_configs[index]
+
+
+# Every SDPA backend but cuDNN: PyTorch prefers cuDNN on Hopper, and cuDNN builds a new plan
+# for every new KV length, so each decode step of a dense layer paid milliseconds of host time
+# (measured: a SmolLM2-shaped stock-cache step took 104 ms on an H100,
+# benchmarks/profile_teacher_forced.py).
+_SDPA_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
+]  # fmt: skip
 
 
 def multipole_attention_forward(
@@ -365,9 +378,11 @@ def multipole_attention_forward(
         key, value, attention_mask = layer.absorb_chunk(attention_mask)
         layer = None
     if layer is None or query.shape[2] > 1:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        with sdpa_kernel(_SDPA_BACKENDS):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                **kwargs,
+            )  # fmt: skip
     if layer.state is None:
         layer.build_state(attention_mask, module)
     layer._attended = True

@@ -370,19 +370,32 @@ class DecodeState:
 
     def stats(self) -> AttendStats:
         """What the last :meth:`attend` read (syncs with the device)."""
+        read, dense = self.bytes_read()
+        r = self._reads
+        counts = torch.stack(
+            [r.tokens_exact.float().mean(), r.clusters_selected.float().mean(),
+             r.centroids_scored.float().mean(), read.double()]
+        ).tolist()  # fmt: skip
+        return AttendStats(
+            tokens_exact=counts[0],
+            clusters_selected=counts[1],
+            centroids_scored=counts[2],
+            bytes_read=round(counts[3]),
+            dense_bytes=dense,
+        )
+
+    def bytes_read(self) -> tuple[torch.Tensor, int]:
+        """Bytes the last :meth:`attend` read (a device scalar, no sync: a caller summing many
+        states syncs once) and the bytes a dense step reads."""
         if self._reads is None:
             raise RuntimeError("stats: no attend has run on this state yet")
         r = self._reads
         token_bytes = 2 * self.head_dim * self._keys.element_size()
         dense = sum(self.seq_lens) * self.num_kv_heads * token_bytes
-        read = int(r.tokens_exact.sum()) * token_bytes + int(r.metadata_bytes.sum())
-        return AttendStats(
-            tokens_exact=float(r.tokens_exact.float().mean()),
-            clusters_selected=float(r.clusters_selected.float().mean()),
-            centroids_scored=float(r.centroids_scored.float().mean()),
-            bytes_read=read,
-            dense_bytes=dense,
+        read = r.tokens_exact.sum(dtype=torch.int64) * token_bytes + r.metadata_bytes.sum(
+            dtype=torch.int64
         )
+        return read, dense
 
 
 class MultipoleState(DecodeState):
