@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
-# Accuracy grid of `multipole eval` on the GPU machine with SmolLM2-135M (no internet there).
-# Staged transfer (shared/ASSETS.md): call 1 carries .stage/a (GGUF part 00, the gguf wheel,
-# the essays JSON) and runs `bash benchmarks/eval_gpu.sh stage`; call 2, while the machine is
-# still warm, carries .stage/b (part 01) and runs `bash benchmarks/eval_gpu.sh run`.
+# Accuracy grid of `multipole eval` on the GPU machine (no internet there), staged in 50 MB
+# folders because a device call carries at most 64 MiB (shared/ASSETS.md):
+#   here, once per model:  bash benchmarks/eval_gpu.sh pack smollm2-135m   (or qwen2.5-0.5b)
+#     splits the cached GGUF into .stage/<model>-NN/ (the first folder also holds the gguf
+#     wheel and the essays JSON; .stage/ is in .git/info/exclude);
+#   on the GPU machine, one call per folder while it stays warm (30 s idle):
+#     carry [".stage/<model>-00"]: bash benchmarks/eval_gpu.sh stage   ... and so on, then
+#     carry the last folder:       bash benchmarks/eval_gpu.sh run NAME [NAME ...]
+# `run` assembles every fully staged GGUF into the cache (the library checks its sha256).
 set -euo pipefail
 export MULTIPOLE_CACHE=/tmp/mpcache PYTHONPATH=src:/tmp/site
-if [[ "${1:-}" == stage ]]; then
-  mkdir -p /tmp/m && cp .stage/a/* /tmp/m/ && ls -la /tmp/m
-  exit 0
-fi
-if [[ ! -f "$MULTIPOLE_CACHE/gguf/smollm2-135m.gguf" ]]; then  # a later call on a warm machine skips this
-  cp .stage/b/* /tmp/m/
-  mkdir -p "$MULTIPOLE_CACHE/gguf" "$MULTIPOLE_CACHE/data"
-  cat /tmp/m/part-* > "$MULTIPOLE_CACHE/gguf/smollm2-135m.gguf"
-  cp /tmp/m/smollm2-135m.gguf.verified "$MULTIPOLE_CACHE/gguf/"
-  cp /tmp/m/PaulGrahamEssays.json "$MULTIPOLE_CACHE/data/"
-  pip install -q --no-index --no-deps --target /tmp/site /tmp/m/gguf-*.whl
-fi
+case "${1:-}" in
+  pack)
+    model=$2 cache=${MULTIPOLE_HOME_CACHE:-$HOME/.cache/multipole}
+    [[ -f $cache/gguf/$model.gguf ]] || { echo "no $cache/gguf/$model.gguf: run multipole once here"; exit 2; }
+    rm -rf .stage/"$model"-* && mkdir -p .stage/tmp
+    split -b 50000000 -d "$cache/gguf/$model.gguf" ".stage/tmp/$model.part-"
+    for part in .stage/tmp/"$model".part-*; do
+      dir=.stage/$model-${part##*-} && mkdir -p "$dir" && mv "$part" "$dir/"
+    done
+    rmdir .stage/tmp
+    first=.stage/$model-00
+    ls .stage/"$model"-*/ | grep -c part- > "$first/$model.parts"
+    cp "$cache/data/PaulGrahamEssays.json" "$first/"
+    pip download -q --no-deps gguf==0.19.0 -d "$first"
+    du -sh .stage/"$model"-*
+    exit 0 ;;
+  stage) mkdir -p /tmp/m && cp .stage/*/* /tmp/m/ && ls /tmp/m | tail -3; exit 0 ;;
+  run) ;;
+  *) echo "usage: eval_gpu.sh pack MODEL | stage | run NAME..."; exit 2 ;;
+esac
+cp .stage/*/* /tmp/m/ 2>/dev/null || true  # the folder carried by this call
+mkdir -p "$MULTIPOLE_CACHE/gguf" "$MULTIPOLE_CACHE/data"
+for count in /tmp/m/*.parts; do
+  model=$(basename "$count" .parts) gguf=$MULTIPOLE_CACHE/gguf/$(basename "$count" .parts).gguf
+  if [[ ! -f $gguf && $(ls /tmp/m/"$model".part-* | wc -l) -eq $(cat "$count") ]]; then
+    cat /tmp/m/"$model".part-* > "$gguf"
+  fi
+done
+cp -n /tmp/m/PaulGrahamEssays.json "$MULTIPOLE_CACHE/data/"
+[[ -d /tmp/site/gguf ]] || pip install -q --no-index --no-deps --target /tmp/site /tmp/m/gguf-*.whl
 mkdir -p /tmp/evalout
 eval_run() {  # name, seconds, then options of multipole eval; each run writes its own folder
-  local name=$1 seconds=$2; shift 2
-  timeout "$seconds" python -m multipole.cli eval --model smollm2-135m --quiet \
+  local name=$1 seconds=$2 model=smollm2-135m; shift 2
+  [[ $name != qwen_* ]] || model=qwen2.5-0.5b
+  timeout "$seconds" python -m multipole.cli eval --model "$model" --quiet \
     --out "/tmp/evalout/$name" "$@" 2>&1 | tail -25 || echo "$name: stopped (timeout or error)"
   tar czf "$OUT/eval_results.tgz" -C /tmp/evalout .  # at most 8 files come back: one archive
 }
@@ -50,6 +74,13 @@ for name in "${runs[@]}"; do
       --fidelity-steps 128 --fractions 1/64,1/32,1/16,1/8 ;;
     retrieval2) eval_run retrieval2 200 --tasks retrieval --context 4096 --retrieval-samples 3 \
       --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/16 ;;
+    qwen_retrieval16k) eval_run qwen_retrieval16k 500 --tasks retrieval --context 16384 \
+      --retrieval-samples 3 --retrieval-tasks niah_single,niah_multikey,variable_tracking \
+      --fractions 1/16 ;;
+    qwen_ppl16k) eval_run qwen_ppl16k 540 --tasks perplexity --context 16384 --windows 2 \
+      --decode-tokens 2048 --fractions 1/16 --methods multipole,centroid_only,quest ;;
+    qwen_fidelity16k) eval_run qwen_fidelity16k 300 --tasks fidelity --context 16384 \
+      --windows 2 --fidelity-steps 64 --fractions 1/64,1/32,1/16,1/8 ;;
     gsm) eval_run gsm 300 --tasks gsm --gsm-samples 8 --gsm-new-tokens 320 --fractions 1/16 \
       --methods multipole,multipole_2level,centroid_only,quest,window ;;
     *) echo "unknown run: $name"; exit 2 ;;
