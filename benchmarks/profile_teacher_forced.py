@@ -27,7 +27,7 @@ from multipole.eval.decoding import (
     read_fraction,
     start_cache,
 )
-from multipole.eval.harness import METHODS, EvalSettings, method_config
+from multipole.eval.harness import METHODS, EvalSettings, runs_for
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -54,21 +54,24 @@ def main() -> None:
     _use_multipole_attention(model)
     n = args.context + args.warmup + args.steps
     ids = torch.randint(0, config.vocab_size, (args.windows, n), device=device)
-    settings = EvalSettings()
+    methods = [m for m in args.methods.split(",") if m != "dense"]
+    settings = EvalSettings(methods=tuple(methods), fractions=(args.fraction,))
+    head_dim = config.hidden_size // config.num_attention_heads
+    runs, skipped = runs_for(settings, args.context, head_dim)
+    for note in skipped:
+        print(f"skipped {note}", flush=True)
+    if "dense" in args.methods.split(","):
+        runs = [Run("dense", None), *runs]
     prompt = prefill(model, ids[:, : args.context])
     results = {}
-    for method in args.methods.split(","):
-        if method == "dense":
-            run = Run("dense", None)
-        else:
-            cfg = method_config(method, args.fraction, args.context, 64, settings)
-            run = Run(method, "multipole" if method == "multipole_2level" else method, cfg)
+    for run in runs:
+        method = run.label.split("@")[0]
         cache = start_cache(prompt, run)
         host = cProfile.Profile()
         with torch.no_grad():
             for i, t in enumerate(range(args.context, n)):
                 if i == args.warmup:
-                    torch.cuda.synchronize(device) if device.type == "cuda" else None
+                    _sync(device)
                     start = time.perf_counter()
                     if method == args.profile:
                         host.enable()
@@ -77,7 +80,7 @@ def main() -> None:
                 torch.log_softmax(logits.logits[:, -1].float(), dim=-1)
                 read_fraction(cache)
             host.disable()
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            _sync(device)
         ms = (time.perf_counter() - start) / args.steps * 1e3
         results[method] = ms
         print(f"{method}: {ms:.1f} ms per step", flush=True)
@@ -92,6 +95,11 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(vars(args), ms_per_step=results), f, indent=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def test_a_long_generation_holds_its_tokens_plus_bounded_spare_capacity(gen):
     at most max(GROW_MIN, 1/8) spare slots, plus the centroids. Bound, per layer, for batch 1,
     H KV heads of dimension D, element size e:
 
-    - token slots (keys, values: 2 * H * D * e; labels: 8 * H bytes) grow by
+    - token slots (keys, values: 2 * H * D * e; labels: 8 * H bytes; the PyTorch path's
+      ranks within clusters: 4 * H bytes) grow by
       max(GROW_MIN, capacity // 8) when full, so capacity <= tokens + max(GROW_MIN, tokens // 8);
     - centroid slots (key and value means in float32: 2 * H * D * 4; sizes: 8 * H bytes) number
       at most max(GROW_MIN + 1, 2 * clusters) (the index grows them by doubling), and there are
@@ -184,7 +185,7 @@ def test_a_long_generation_holds_its_tokens_plus_bounded_spare_capacity(gen):
     n = out.shape[1] - 1
     assert state.seq_lens == [n]
     h, d, e = state.num_kv_heads, state.head_dim, state.keys.element_size()
-    token_bytes = 2 * h * d * e + 8 * h
+    token_bytes = 2 * h * d * e + 8 * h + 4 * h
     cluster_bytes = 2 * h * d * 4 + 8 * h
     blocks = -(-n // cfg.block_size)
     clusters = n * cfg.centroid_ratio + blocks

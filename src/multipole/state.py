@@ -434,6 +434,7 @@ class MultipoleState(DecodeState):
         )
         self.index.prefill(*self._index_inputs(), self.clustered_len)
         self._fused: FusedLayout | None = None  # rebuilt after prefill and each update
+        self._ranks: torch.Tensor | None = None  # of the PyTorch path; same lifetime
 
     @classmethod
     def fixed_bytes_per_head(
@@ -461,10 +462,12 @@ class MultipoleState(DecodeState):
     def _reserve_tokens(self, needed: int) -> None:
         super()._reserve_tokens(needed)
         self.index.reserve_tokens(self._keys.shape[2])
+        self._ranks = None
 
     def _on_advance(self, seqs: list[int]) -> None:
         self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
         self._fused = None
+        self._ranks = None
 
     def _attend(self, q, lookup_q, scale):
         if self._backend(lookup_q is q) == "triton":
@@ -571,8 +574,10 @@ class MultipoleState(DecodeState):
 
         exact, middle, _ = self._regions()
         labels = index.labels[:, :, :n]
+        if self._ranks is None:  # labels change only at prefill, updates and growth
+            self._ranks = _rank_in_cluster(index.labels).to(torch.int32)
         # a cluster's first `taken` tokens (in position order) are attended exactly
-        chosen = (labels >= 0) & (_rank_in_cluster(labels) < taken.gather(-1, labels.clamp_min(0)))
+        chosen = (labels >= 0) & (self._ranks[:, :, :n] < taken.gather(-1, labels.clamp_min(0)))
         token_mask = exact | (middle & chosen)
         out, lse = attend_tokens(q, self.keys, self.values, token_mask, scale)
 
@@ -616,7 +621,7 @@ class MultipoleState(DecodeState):
         n = chosen.shape[-1]
         in_partial = chosen & partial.gather(-1, self.index.labels[:, :, :n].clamp_min(0))
         values = self.values[:, :, :n].to(level.value_centroids.dtype)
-        taken_sum = (values * in_partial.unsqueeze(-1)).sum(2, keepdim=True)  # [B, H_kv, 1, D]
+        taken_sum = torch.matmul(in_partial.unsqueeze(-2).to(values.dtype), values)  # [B,H,1,D]
         total = level.value_centroids * level.sizes.unsqueeze(-1)
         rest = (total - taken_sum) / (level.sizes - taken).clamp_min(1).unsqueeze(-1)
         return torch.where(partial.unsqueeze(-1), rest, level.value_centroids)
