@@ -6,8 +6,10 @@
 2. scores (many programs per row): each cluster's estimated attention mass (the paper's eq. 1,
    summed over the group), and the far field of all clusters reduced over the splits;
 3. selection (one program per row, or the last score program of the row with
-   ``Tuning.fuse_select``): budget threshold by bisection on the score values, then the compact
-   list of selected clusters (first slot, where their tokens start in ``order``, id);
+   ``Tuning.fuse_select``): the score bin where the budget runs out, from a histogram of cluster
+   sizes over score bins that the scoring fills, then the exact threshold by bisection on the
+   score values of that bin only, then the compact list of selected clusters (first slot,
+   where their tokens start in ``order``, id);
 4. split-K flash decoding (``ops/decode/kernel.py``) over the sink, the recent window and the
    tokens of the selected clusters, found per tile from the list (no serial expansion); each
    selected token also removes its cluster's far-field term (``(e^x - e^z) v``), so no second
@@ -16,13 +18,14 @@
    ``Tuning.fuse_merge``).
 
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
-``levels == 1`` (cluster ties at the budget boundary aside), reading the tokens of a cluster
+``levels == 1`` (up to the rounding of the scores), reading the tokens of a cluster
 through a cluster-contiguous permutation of the clustered positions.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +38,11 @@ SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
 RANK_CHUNK = 1024  # list entries per step when an exact-pass program finds its first cluster
 MAX_BISECT_STEPS = 64  # bound on the threshold search (it stops when the boundary is one value)
+# Score histogram of the selection: bins of 1/64 nat below log(group), the largest possible
+# score; scores more than 32 nats below it share the last bin (the bisection still separates
+# them, in more steps).
+HIST_BINS = 2048
+HIST_RANGE = 32.0
 
 
 @dataclass
@@ -236,6 +244,8 @@ def fused_decode(
     far_l = buf("far_l", (rows, g), f32)
     far_acc = buf("far_acc", (rows, g, d), f32)
     select_sem = buf("select_sem", (rows,), i32, zero=True)
+    hist = buf("hist", (rows, HIST_BINS), i32, zero=True)  # the selection clears it
+    hist_args = (math.log(g), HIST_BINS / HIST_RANGE)
     tile = min(tune.select_tile, _pow2(num_clusters))
     rows_g = _pow2(g, 1)
     split_pad_c = _pow2(splits_c, 2)
@@ -263,6 +273,7 @@ def fused_decode(
         far_l,
         far_acc,
         select_sem,
+        hist,
         *selection[1:],
         h,
         num_clusters,
@@ -270,7 +281,9 @@ def fused_decode(
         splits_c,
         list_capacity,
         sink_tokens,
+        *hist_args,
         HEAD_DIM=d,
+        HIST_BINS=HIST_BINS,
         ROWS=rows_g,
         SPLIT_PAD=split_pad_c,
         CHUNK=SCORE_CHUNK,
@@ -284,11 +297,15 @@ def fused_decode(
     )
     if not tune.fuse_select:
         _select_kernel[(rows,)](
-            *selection,
+            selection[0],
+            hist,
+            *selection[1:],
             h,
             num_clusters,
             list_capacity,
             sink_tokens,
+            *hist_args,
+            HIST_BINS=HIST_BINS,
             TILE=tile,
             MAX_STEPS=MAX_BISECT_STEPS,
             num_warps=tune.select_warps,

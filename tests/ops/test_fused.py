@@ -160,3 +160,97 @@ def test_launch_variants_match_reference(gen, name, monkeypatch, kernel_device):
         state._reads.clusters_selected.cpu(), ref_reads.clusters_selected.cpu().int()
     )
     assert int(ref_reads.clusters_selected.min()) > 128  # longer than a window of the list
+
+
+def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int):
+    """A :class:`FusedLayout` of ``c`` clusters (some empty) over ``sink + n`` positions, and a
+    lookup query. ``kind``: "spread" (random centroids), "ties" (20 distinct centroids, so
+    equal scores), "far" (5 dominant clusters; the others score > 32 nats below the best, in
+    the histogram's last bin)."""
+    from multipole.fused import FusedLayout
+
+    sizes = torch.randint(1, 12, (c,), generator=gen)
+    sizes[::17] = 0  # empty clusters
+    sizes = sizes[torch.stack([torch.randperm(c, generator=gen) for _ in range(b * h)])]
+    sizes = sizes.view(b, h, c)
+    n = int(sizes[0, 0].sum())
+    q = torch.randn(b, h, 4, d, generator=gen)
+    kc = torch.randn(b, h, c, d, generator=gen)
+    if kind == "ties":
+        kc = kc[:, :, torch.randint(20, (c,), generator=gen)]
+    if kind == "far":  # one query direction u; z = 60 for the first 5 clusters, ~N(0, 1) else
+        u = q[:, :, :1]
+        q = u + 0.01 * q
+        kc[:, :, :5] = 60 * d**0.5 * u / u.square().sum(-1, keepdim=True)
+    labels = torch.repeat_interleave(torch.arange(c).expand(b * h, c), sizes.view(-1, c).flatten())
+    labels = labels.view(b, h, n)[..., torch.randperm(n, generator=gen)]  # clustered positions
+    order = sink + torch.sort(labels, dim=-1, stable=True).indices
+    order = torch.cat([order, torch.arange(sink).expand(b, h, sink)], -1).to(torch.int32)
+    sizes = sizes.to(torch.int32)
+    layout = FusedLayout(
+        key_centroids=kc,
+        value_centroids=torch.randn(b, h, c, d, generator=gen),
+        sizes=sizes,
+        offsets=sizes.cumsum(-1, dtype=torch.int32) - sizes,
+        order=order,
+        live=(sizes > 0).sum(-1),
+    )
+    return layout, q, n
+
+
+@pytest.mark.parametrize("tile", [8192, 128])
+@pytest.mark.parametrize("kind", ["spread", "ties", "far"])
+def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel_device):
+    """The kernels' selection is ``take_by_budget`` on their own scores, token for token, for
+    budgets from nothing to everything (one per sequence), over one tile or several, and the
+    score histogram is left cleared for the next step."""
+    from multipole import fused
+    from multipole.ops.lookup.reference import take_by_budget
+
+    b, h, c, d, sink, dev = 5, 2, 300, 16, 4, kernel_device
+    layout, q, n = _selection_layout(gen, kind, b, h, c, d, sink)
+    layout = dataclasses.replace(
+        layout,
+        **{
+            f.name: getattr(layout, f.name).to(dev)
+            for f in dataclasses.fields(layout)
+            if isinstance(getattr(layout, f.name), torch.Tensor)
+        },
+    )
+    budget = torch.tensor([0, n * 3 // 100, n * 2 // 5, n * 97 // 100, n])
+    keys, values = torch.randn(2, b, h, sink + n, d, generator=gen).to(dev)
+    lengths = torch.full((b,), sink + n)
+    q = q.to(dev)
+    tuning = fused.Tuning(select_tile=tile, select_warps=4)
+    for _ in range(2):  # the second step must not see the first step's histogram
+        fused.fused_decode(
+            q,
+            q,
+            keys,
+            values,
+            layout,
+            lengths.to(dev),
+            torch.full((b,), n).to(dev),
+            budget.to(dev),
+            max_budget=n,
+            sink_tokens=sink,
+            max_recent=0,
+            scale=d**-0.5,
+            replacement=True,
+            tuning=tuning,
+        )
+        scratch = {k: t.cpu() for k, t in layout.scratch.items()}
+        assert not scratch["hist"].any()
+        score = scratch["score"].view(b, h, c)
+        expect = take_by_budget(
+            score, layout.sizes.cpu(), torch.ones_like(score, dtype=torch.bool), budget
+        )
+        taken = torch.zeros(b * h, c, dtype=torch.int64)
+        for row in range(b * h):
+            k = int(scratch["num_selected"][row])
+            first = scratch["sel_first"][row, :k].long()
+            ends = torch.cat([first[1:], (scratch["count"][row] - sink).view(1).long()])
+            taken[row, scratch["sel_cluster"][row, :k].long()] = ends - first
+        assert torch.equal(taken.view(b, h, c), expect)
+    if kind != "ties":  # tied with the boundary cluster, the others give nothing
+        assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]

@@ -4,10 +4,12 @@
 produces the logits of every query head of the group against every cluster plus, in the same
 pass, the partial softmax state of the far field over *all* clusters, split over programs.
 ``_score_kernel`` (many programs per row) ranks the clusters (the paper's eq. 1) and reduces the
-far-field splits to one state per row. ``_select_kernel`` (one program per row, or the last
-score program of the row when fused) finds the budget threshold by bisection on the score
-values (no sort) and writes the compact list of selected clusters: for each, its first slot in
-the list of selected tokens, where its tokens start in the cluster-sorted order, and its id.
+far-field splits to one state per row, and fills a histogram of cluster sizes over score
+bins. ``_select_kernel`` (one program per row, or the last score program of the row when
+fused) finds the bin where the budget runs out from the histogram, then the threshold by
+bisection on the score values of that bin (no sort), and writes the compact list of selected
+clusters: for each, its first slot in the list of selected tokens, where its tokens start in
+the cluster-sorted order, and its id.
 Token positions are expanded by the exact pass itself (``ops/decode/kernel.py``), which also
 subtracts the selected clusters' far-field terms. Shapes are fixed by capacities, never by
 data, so a decode step needs no host synchronisation.
@@ -114,6 +116,7 @@ def _score_kernel(
     FAR_L,
     FAR_ACC,
     SEMAPHORE,
+    HIST,
     SIZES,
     OFFSETS,
     BUDGET,
@@ -130,7 +133,10 @@ def _score_kernel(
     num_splits,
     list_capacity,
     sink,
+    hist_top,
+    hist_scale,
     HEAD_DIM: tl.constexpr,
+    HIST_BINS: tl.constexpr,
     ROWS: tl.constexpr,
     SPLIT_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -142,9 +148,10 @@ def _score_kernel(
     MAX_STEPS: tl.constexpr,
 ):
     """Score of every cluster, ``log sum_g exp(z[g, c] - lse[g])`` (the log of the paper's
-    eq. 1 summed over the group; dead clusters get ``-inf``), and the far-field state of all
-    clusters reduced over the centroid-pass splits (program ``j`` of a row reduces head-dim
-    slices ``j, j + chunks, ...``). Grid: (rows, cluster chunks). With ``FUSE_SELECT`` the last
+    eq. 1 summed over the group; dead clusters get ``-inf``), the row's histogram of cluster
+    sizes over score bins (``_score_bin``, atomics), and the far-field state of all clusters
+    reduced over the centroid-pass splits (program ``j`` of a row reduces head-dim slices
+    ``j, j + chunks, ...``). Grid: (rows, cluster chunks). With ``FUSE_SELECT`` the last
     program of a row to finish runs the selection (``_select_row``)."""
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -166,6 +173,15 @@ def _score_kernel(
     mass = tl.sum(tl.exp(x - x_safe[None, :]), axis=0)
     score = tl.where(mass > 0, x_safe + tl.log(tl.where(mass > 0, mass, 1.0)), float("-inf"))
     tl.store(SCORE + bh * num_clusters + cs, score, mask=mask_c)
+    live_sizes = tl.load(
+        SIZES + bh * num_clusters + cs, mask=mask_c & (score > float("-inf")), other=0
+    )
+    tl.atomic_add(
+        HIST + bh * HIST_BINS + _score_bin(score, hist_top, hist_scale, HIST_BINS),
+        live_sizes,
+        mask=live_sizes > 0,
+        sem="relaxed",
+    )
 
     if WITH_FAR:
         far = bh * group + offs_g
@@ -205,6 +221,7 @@ def _score_kernel(
             _select_row(
                 bh,
                 SCORE,
+                HIST,
                 SIZES,
                 OFFSETS,
                 BUDGET,
@@ -219,6 +236,9 @@ def _score_kernel(
                 num_clusters,
                 list_capacity,
                 sink,
+                hist_top,
+                hist_scale,
+                HIST_BINS,
                 TILE,
                 MAX_STEPS,
                 ".cg",
@@ -228,6 +248,7 @@ def _score_kernel(
 @triton.jit
 def _select_kernel(
     SCORE,
+    HIST,
     SIZES,
     OFFSETS,
     BUDGET,
@@ -242,6 +263,9 @@ def _select_kernel(
     num_clusters,
     list_capacity,
     sink,
+    hist_top,
+    hist_scale,
+    HIST_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
 ):
@@ -249,6 +273,7 @@ def _select_kernel(
     _select_row(
         tl.program_id(0).to(tl.int64),
         SCORE,
+        HIST,
         SIZES,
         OFFSETS,
         BUDGET,
@@ -263,10 +288,44 @@ def _select_kernel(
         num_clusters,
         list_capacity,
         sink,
+        hist_top,
+        hist_scale,
+        HIST_BINS,
         TILE,
         MAX_STEPS,
         "",
     )
+
+
+@triton.jit
+def _score_bin(score, top, scale, BINS: tl.constexpr):
+    """Histogram bin of a score: ``floor((top - score) * scale)`` clamped to the bins, so a
+    higher score never gets a higher bin (bin 0 holds the best scores; ``-inf`` the last)."""
+    x = tl.minimum(tl.maximum((top - score) * scale, 0.0), BINS - 1)
+    return x.to(tl.int32)
+
+
+@triton.jit
+def _bin_stats(s, w, bin_star, top, scale, BINS: tl.constexpr):
+    """Over one tile: the largest live score in a bin after ``bin_star``, and the largest and
+    smallest live scores in ``bin_star`` (one reduction of the three)."""
+    live = w > 0
+    bins = _score_bin(s, top, scale, BINS)
+    inside = live & (bins == bin_star)
+    return tl.reduce(
+        (
+            tl.where(live & (bins > bin_star), s, float("-inf")),
+            tl.where(inside, s, float("-inf")),
+            tl.where(inside, s, float("inf")),
+        ),
+        0,
+        _combine_bin_stats,
+    )
+
+
+@triton.jit
+def _combine_bin_stats(lo1, hi1, min1, lo2, hi2, min2):
+    return tl.maximum(lo1, lo2), tl.maximum(hi1, hi2), tl.minimum(min1, min2)
 
 
 @triton.jit
@@ -305,6 +364,7 @@ def _bisect_stats(s, w, lo, mid, hi):
 def _select_row(
     bh,
     SCORE,
+    HIST,
     SIZES,
     OFFSETS,
     BUDGET,
@@ -319,15 +379,18 @@ def _select_row(
     num_clusters,
     list_capacity,
     sink,
+    hist_top,
+    hist_scale,
+    HIST_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
     CACHE: tl.constexpr,
 ):
     """Budget selection of one row: the largest set ``{score > t}`` whose sizes fit in the
-    budget, by bisection on the score values (each step halves the span of the scores still
-    undecided, so it stops once they are one value), plus the first tokens of the best cluster
-    left (lowest index on ties) up to the budget (``take_by_budget``), then compaction in
-    cluster order.
+    budget, found in the histogram's boundary bin by bisection on the score values (each step
+    halves the span of the scores still undecided, so it stops once they are one value), plus
+    the first tokens of the best cluster left (lowest index on ties) up to the budget
+    (``take_by_budget``), then compaction in cluster order.
 
     For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
     slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
@@ -340,27 +403,31 @@ def _select_row(
     one_tile = num_clusters <= TILE
     s_all, w_all = _row_tile(SCORE, SIZES, row, 0, num_clusters, TILE, CACHE)
 
-    # 1. Live total, highest and lowest live score.
-    total = tl.sum(w_all)
-    s_max = tl.max(s_all)
-    s_min = tl.min(tl.where(s_all > float("-inf"), s_all, float("inf")))
-    if not one_tile:
-        for c0 in range(TILE, num_clusters, TILE):
-            s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
-            total += tl.sum(w)
-            s_max = tl.maximum(s_max, tl.max(s))
-            s_min = tl.minimum(s_min, tl.min(tl.where(s > float("-inf"), s, float("inf"))))
+    # 1. From the histogram the score kernel filled (then cleared for the next step): the live
+    # total and the first bin, best scores first, where the running size passes the budget.
+    offs_h = tl.arange(0, HIST_BINS)
+    hist = tl.load(HIST + bh * HIST_BINS + offs_h, cache_modifier=CACHE)
+    tl.store(HIST + bh * HIST_BINS + offs_h, tl.zeros_like(hist))
+    total = tl.sum(hist)
+    bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, HIST_BINS))
 
     # 2. Threshold. Invariant: {s > hi} fits, {s > lo} does not; the undecided scores, those
-    # in (lo, hi], span [b_min, b_max].
+    # in (lo, hi], span [b_min, b_max]. The bins before `bin_star` fit and the bins up to it
+    # do not, so the search starts with the scores of `bin_star` undecided.
     threshold = tl.full((), float("-inf"), tl.float32)
     boundary = tl.full((), -1, tl.int32)  # the cluster that gives the rest of the budget
     rest = tl.full((), 0, tl.int32)
     if total > budget:
-        lo = tl.full((), float("-inf"), tl.float32)
-        hi = s_max
-        b_min = s_min
-        b_max = s_max
+        lo, b_max, b_min = _bin_stats(s_all, w_all, bin_star, hist_top, hist_scale, HIST_BINS)
+        if not one_tile:
+            for c0 in range(TILE, num_clusters, TILE):
+                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                lo_t, max_t, min_t = _bin_stats(s, w, bin_star, hist_top, hist_scale, HIST_BINS)
+                lo = tl.maximum(lo, lo_t)
+                b_max = tl.maximum(b_max, max_t)
+                b_min = tl.minimum(b_min, min_t)
+        hi = b_max
+        whole = tl.sum(tl.where(offs_h < bin_star, hist, 0))  # the size of {s > hi}
         steps = tl.full((), 0, tl.int32)
         while (b_min < b_max) & (steps < MAX_STEPS):
             mid = 0.5 * b_min + 0.5 * b_max
@@ -375,22 +442,16 @@ def _select_row(
                     upper = tl.minimum(upper, u_t)
             fits = heavy <= budget
             hi = tl.where(fits, mid, hi)
+            whole = tl.where(fits, heavy, whole)
             b_max = tl.where(fits, lower, b_max)
             lo = tl.where(fits, lo, mid)
             b_min = tl.where(fits, b_min, upper)
             steps += 1
         threshold = hi
-        # 2b. The boundary: the best live score at or below the threshold, lowest index first;
-        # it gives what the whole clusters above the threshold leave of the budget.
-        whole = tl.sum(tl.where(s_all > threshold, w_all, 0))
-        below = tl.max(tl.where((s_all <= threshold) & (w_all > 0), s_all, float("-inf")))
-        if not one_tile:
-            for c0 in range(TILE, num_clusters, TILE):
-                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
-                whole += tl.sum(tl.where(s > threshold, w, 0))
-                below = tl.maximum(
-                    below, tl.max(tl.where((s <= threshold) & (w > 0), s, float("-inf")))
-                )
+        # 2b. The boundary: the best live score at or below the threshold (the largest one
+        # undecided, `b_max`), lowest index first; it gives what the whole clusters above the
+        # threshold leave of the budget.
+        below = b_max
         cs0 = tl.arange(0, TILE)
         boundary = tl.min(tl.where((s_all == below) & (w_all > 0), cs0, num_clusters))
         if not one_tile:
