@@ -81,6 +81,12 @@ for name in "${runs[@]}"; do
       --decode-tokens 2048 --fractions 1/16 --methods multipole,centroid_only,quest ;;
     qwen_fidelity16k) eval_run qwen_fidelity16k 300 --tasks fidelity --context 16384 \
       --windows 2 --fidelity-steps 64 --fractions 1/64,1/32,1/16,1/8 ;;
+    qwen_retrieval16k_low) eval_run qwen_retrieval16k_low 440 --tasks retrieval \
+      --context 16384 --retrieval-samples 3 \
+      --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/64,1/32 \
+      --methods multipole,multipole_2level,centroid_only,quest,window ;;
+    qwen_ppl16k_32) eval_run qwen_ppl16k_32 500 --tasks perplexity --context 16384 --windows 2 \
+      --decode-tokens 2048 --fractions 1/32 --methods multipole,centroid_only,quest ;;
     gsm) eval_run gsm 300 --tasks gsm --gsm-samples 8 --gsm-new-tokens 320 --fractions 1/16 \
       --methods multipole,multipole_2level,centroid_only,quest,window ;;
     *) echo "unknown run: $name"; exit 2 ;;
