@@ -28,6 +28,7 @@ from multipole.eval.decoding import (
     start_cache,
 )
 from multipole.eval.harness import METHODS, EvalSettings, runs_for
+from multipole.generate import sync
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -71,7 +72,7 @@ def main() -> None:
         with torch.no_grad():
             for i, t in enumerate(range(args.context, n)):
                 if i == args.warmup:
-                    _sync(device)
+                    sync(device)
                     start = time.perf_counter()
                     if method == args.profile:
                         host.enable()
@@ -80,7 +81,7 @@ def main() -> None:
                 torch.log_softmax(logits.logits[:, -1].float(), dim=-1)
                 read_fraction(cache)
             host.disable()
-            _sync(device)
+            sync(device)
         ms = (time.perf_counter() - start) / args.steps * 1e3
         results[method] = ms
         print(f"{method}: {ms:.1f} ms per step", flush=True)
@@ -95,11 +96,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(vars(args), ms_per_step=results), f, indent=1)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .baselines import METHODS, budget_for_read_fraction
 from .config import MultipoleConfig
+from .generate import sync
 from .synthetic import PlantedKV
 
 
@@ -62,7 +63,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
         )
         start = time.perf_counter()
         states[name] = METHODS[name].prefill(keys.to(device), values.to(device), cfg)
-        _sync(device)
+        sync(device)
         prefill_s[name] = time.perf_counter() - start
 
     clustered_at_prefill = states["multipole"].clustered_len[0]
@@ -74,10 +75,10 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
         outs = {}
         for name, state in states.items():
             state.append(nk.to(device), nv.to(device))
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             outs[name] = state.attend(q)
-            _sync(device)
+            sync(device)
             seconds[name] += time.perf_counter() - start
             fractions[name].append(state.stats().read_fraction)
         dense = outs["dense"].double()
@@ -138,8 +139,3 @@ def _progress(items, desc: str, enabled: bool):
             return items
         return tqdm(items, desc=desc)
     return items
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -347,6 +347,12 @@ def main(args: argparse.Namespace, config: MultipoleConfig | None) -> int:
     return 0
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA only), e.g. around a timed region."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

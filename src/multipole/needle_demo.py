@@ -19,6 +19,7 @@ import torch
 
 from .eval.decoding import Run, greedy, prefill, read_fraction, start_cache, teacher_forced
 from .eval.harness import EvalSettings, environment, method_config
+from .generate import sync
 
 
 @dataclass
@@ -57,7 +58,7 @@ def run_needle_demo(settings: NeedleDemoSettings) -> dict[str, Any]:
     start = time.perf_counter()
     with torch.no_grad():
         prompt_cache = prefill(model, ids[:, :-1])
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - start
     rows = []
     for run in runs:
@@ -109,13 +110,8 @@ def format_needle_table(report: dict[str, Any]) -> str:
 
 def _timed_generate(model, ids, cache, new_tokens: int, device) -> tuple[float, torch.Tensor]:
     """Greedy ``generate`` continuing ``cache``; returns (seconds, all token ids)."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = greedy(model, ids, cache, new_tokens)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -162,11 +162,11 @@ def test_launch_variants_match_reference(gen, name, monkeypatch, kernel_device):
     assert int(ref_reads.clusters_selected.min()) > 128  # longer than a window of the list
 
 
-def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int):
-    """A :class:`FusedLayout` of ``c`` clusters (some empty) over ``sink + n`` positions, and a
-    lookup query. ``kind``: "spread" (random centroids), "ties" (20 distinct centroids, so
-    equal scores), "far" (5 dominant clusters; the others score > 32 nats below the best, in
-    the histogram's last bin)."""
+def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int, device):
+    """A :class:`FusedLayout` (on ``device``) of ``c`` clusters (some empty) over ``sink + n``
+    positions, and a lookup query. ``kind``: "spread" (random centroids), "ties" (20 distinct
+    centroids, so equal scores), "far" (5 dominant clusters; the others score > 32 nats below
+    the best, in the histogram's last bin)."""
     from multipole.fused import FusedLayout
 
     sizes = torch.randint(1, 12, (c,), generator=gen)
@@ -187,7 +187,7 @@ def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int)
     order = sink + torch.sort(labels, dim=-1, stable=True).indices
     order = torch.cat([order, torch.arange(sink).expand(b, h, sink)], -1).to(torch.int32)
     sizes = sizes.to(torch.int32)
-    layout = FusedLayout(
+    tensors = dict(
         key_centroids=kc,
         value_centroids=torch.randn(b, h, c, d, generator=gen),
         sizes=sizes,
@@ -195,6 +195,7 @@ def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int)
         order=order,
         live=(sizes > 0).sum(-1),
     )
+    layout = FusedLayout(**{name: t.to(device) for name, t in tensors.items()})
     return layout, q, n
 
 
@@ -208,15 +209,7 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
     from multipole.ops.lookup.reference import take_by_budget
 
     b, h, c, d, sink, dev = 5, 2, 300, 16, 4, kernel_device
-    layout, q, n = _selection_layout(gen, kind, b, h, c, d, sink)
-    layout = dataclasses.replace(
-        layout,
-        **{
-            f.name: getattr(layout, f.name).to(dev)
-            for f in dataclasses.fields(layout)
-            if isinstance(getattr(layout, f.name), torch.Tensor)
-        },
-    )
+    layout, q, n = _selection_layout(gen, kind, b, h, c, d, sink, dev)
     budget = torch.tensor([0, n * 3 // 100, n * 2 // 5, n * 97 // 100, n])
     keys, values = torch.randn(2, b, h, sink + n, d, generator=gen).to(dev)
     lengths = torch.full((b,), sink + n)

@@ -52,7 +52,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, P
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import MultipoleConfig
-from ..generate import parse_budget, versions
+from ..generate import parse_budget, sync, versions
 from ..hf import MultipoleCache, MultipoleLayer
 from ..state import MultipoleState
 
@@ -175,7 +175,7 @@ def measure_workspace(s: Settings, context: int = 16384) -> Workspace:
         )
         state = MultipoleState.prefill(keys, values, s.config)
         del keys, values
-        _sync(s.device)
+        sync(s.device)
         kept = torch.cuda.memory_allocated(s.device) - base
         peak = torch.cuda.max_memory_allocated(s.device) - base - kept
         points.append((s.shape.kv_bytes(batch, context, _elem_size(s.dtype)), peak))
@@ -292,7 +292,7 @@ def warm_up_kernels(s: Settings, num_q_heads: int, context: int = 4096) -> None:
     for _ in range(2 * s.config.interval + 1):  # crosses at least one online update
         state.append(*(t[:, :, :1] for t in (keys, values)))
         state.attend(torch.randn(1, num_q_heads, dim, device=s.device, dtype=s.dtype))
-    _sync(s.device)
+    sync(s.device)
 
 
 def dense_cache(layers_kv: list[tuple[torch.Tensor, torch.Tensor]], context: int) -> Cache:
@@ -315,10 +315,10 @@ def multipole_cache(
     for i in range(layers):
         keys, values = make_kv(i)
         lengths = torch.full((keys.shape[0],), context, dtype=torch.int64, device=keys.device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         state = MultipoleState.prefill(keys, values, config, lengths=lengths)
-        _sync(device)
+        sync(device)
         clustering_ms += (time.perf_counter() - start) * 1e3
         del keys, values
         layer = MultipoleLayer(config, cuda_graphs=cuda_graphs)
@@ -827,11 +827,6 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 def _tokens(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _free(device: str) -> None:
