@@ -30,15 +30,15 @@ DEVICE = "cuda"  # (a dry run of this script's logic can set "cpu" under TRITON_
 
 VARIANTS = {
     "default": {},
-    "no_prefetch": dict(prefetch=False),
-    "bn32": dict(block_n=32),
-    "exact2": dict(exact_programs_per_sm=2),
+    "expand2": dict(expand_programs_per_sm=2),
+    "expand4": dict(expand_programs_per_sm=4),
+    "expand16": dict(expand_programs_per_sm=16),
+    "exact4": dict(exact_programs_per_sm=4),
     "exact8": dict(exact_programs_per_sm=8),
-    "cent2": dict(centroid_programs_per_sm=2),
-    "cent8": dict(centroid_programs_per_sm=8),
+    "bn32": dict(block_n=32),
+    "bn128": dict(block_n=128),
+    "cent4": dict(centroid_programs_per_sm=4),
     "sel4096w8": dict(select_tile=4096, select_warps=8),
-    "fuse_merge": dict(fuse_merge=True),
-    "fuse_select": dict(fuse_select=True),
 }
 KMEANS_VARIANTS = {
     "default": {},

@@ -1,21 +1,20 @@
-"""The fused decode step: three to five Triton launches, no host synchronisation, fixed shapes.
+"""The fused decode step: six Triton launches, no host synchronisation, fixed shapes.
 
 1. centroid pass (``ops/lookup/kernel.py``): logits of the group against every centroid and
    the far-field softmax state over all clusters, in one read of the centroids, split over
    programs;
 2. scores (many programs per row): each cluster's estimated attention mass (the paper's eq. 1,
    summed over the group), and the far field of all clusters reduced over the splits;
-3. selection (one program per row, or the last score program of the row with
-   ``Tuning.fuse_select``): the score bin where the budget runs out, from a histogram of cluster
-   sizes over score bins that the scoring fills, then the exact threshold by bisection on the
-   score values of that bin only, then the compact list of selected clusters (first slot,
-   where their tokens start in ``order``, id);
-4. split-K flash decoding (``ops/decode/kernel.py``) over the sink, the recent window and the
-   tokens of the selected clusters, found per tile from the list (no serial expansion); each
-   selected token also removes its cluster's far-field term (``(e^x - e^z) v``), so no second
-   pass over the selected centroids;
-5. log-sum-exp merge of the splits and the far field (or in the last exact program of the row,
-   ``Tuning.fuse_merge``).
+3. selection (one program per row): the score bin where the budget runs out, from a histogram
+   of cluster sizes over score bins that the scoring fills, then the exact threshold by
+   bisection on the score values of that bin only, then the compact list of selected clusters
+   (first slot, where their tokens start in ``order``, id);
+4. expansion (``ops/decode/kernel.py``, many programs per row): the position and cluster of
+   every selected token, so that
+5. split-K flash decoding over the sink, the recent window and the selected tokens reads one
+   index per token before its key and value; each selected token also removes its cluster's
+   far-field term (``(e^x - e^z) v``), so no second pass over the selected centroids;
+6. log-sum-exp merge of the splits and the far field.
 
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
 ``levels == 1`` (up to the rounding of the scores), reading the tokens of a cluster
@@ -36,7 +35,8 @@ from .ops.kernel_utils import native_dot
 BLOCK_C = 64  # centroids per tile of the centroid pass
 SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
-RANK_CHUNK = 1024  # list entries per step when an exact-pass program finds its first cluster
+EXPAND_BLOCK = 64  # selected slots per tile of the expansion
+RANK_CHUNK = 1024  # list entries per step when an expansion program finds its first cluster
 MAX_BISECT_STEPS = 64  # bound on the threshold search (it stops when the boundary is one value)
 # Score histogram of the selection: bins of 1/64 nat below log(group), the largest possible
 # score; scores more than 32 nats below it share the last bin (the bisection still separates
@@ -55,11 +55,9 @@ class Tuning:
     exact_min_split: int = 64  # fewest token slots per exact-pass program (multiple of BLOCK_N)
     select_tile: int = 8192  # clusters per tile of the selection (held in registers)
     select_warps: int = 16
-    fuse_select: bool = False  # the last score program of a row selects (one launch less)
-    fuse_merge: bool = False  # the last exact program of a row merges (one launch less)
+    expand_programs_per_sm: int = 8  # expansion grid target
     merge_slice: int = 16  # head-dim columns per merge program
     block_n: int = 64  # token slots per tile of the exact pass
-    prefetch: bool = False  # exact pass: the next tile's positions load with this tile's K/V
 
 
 TUNING = Tuning()
@@ -181,7 +179,7 @@ def fused_decode(
         ``out [B, H_kv, G, D]`` (cache dtype), ``lse [B, H_kv, G]`` float32, ``count [B, H_kv]``
         tokens attended exactly and ``num_selected [B, H_kv]`` clusters selected.
     """
-    from .ops.decode.kernel import _merge_kernel, _sparse_decode_kernel
+    from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
     from .ops.lookup.kernel import _centroid_pass_kernel, _score_kernel, _select_kernel
 
     for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
@@ -229,7 +227,7 @@ def fused_decode(
         num_warps=4,
     )
 
-    # 2. Scores and the far field reduced over the splits; 3. selection (maybe fused in 2).
+    # 2. Scores and the far field reduced over the splits; 3. selection.
     list_capacity = max(1, min(num_clusters, max_budget))
     block_n = tune.block_n
     exact_capacity = -(-(sink_tokens + max_recent) // block_n) * block_n
@@ -243,14 +241,39 @@ def fused_decode(
     far_m = buf("far_m", (rows, g), f32)
     far_l = buf("far_l", (rows, g), f32)
     far_acc = buf("far_acc", (rows, g, d), f32)
-    select_sem = buf("select_sem", (rows,), i32, zero=True)
     hist = buf("hist", (rows, HIST_BINS), i32, zero=True)  # the selection clears it
     hist_args = (math.log(g), HIST_BINS / HIST_RANGE)
     tile = min(tune.select_tile, _pow2(num_clusters))
     rows_g = _pow2(g, 1)
     split_pad_c = _pow2(splits_c, 2)
-    selection = (
+    _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
+        z,
+        m_c,
+        l_c,
+        acc_c,
         score,
+        far_m,
+        far_l,
+        far_acc,
+        hist,
+        layout.sizes,
+        num_clusters,
+        g,
+        splits_c,
+        *hist_args,
+        HEAD_DIM=d,
+        HIST_BINS=HIST_BINS,
+        ROWS=rows_g,
+        SPLIT_PAD=split_pad_c,
+        CHUNK=SCORE_CHUNK,
+        FAR_SLICE=min(FAR_SLICE, block_d),
+        FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
+        WITH_FAR=replacement,
+        num_warps=4,
+    )
+    _select_kernel[(rows,)](
+        score,
+        hist,
         layout.sizes,
         layout.offsets,
         budget,
@@ -261,58 +284,50 @@ def fused_decode(
         sel_cluster,
         count,
         num_selected,
-    )
-    score_warps = tune.select_warps if tune.fuse_select else 4
-    _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
-        z,
-        m_c,
-        l_c,
-        acc_c,
-        score,
-        far_m,
-        far_l,
-        far_acc,
-        select_sem,
-        hist,
-        *selection[1:],
         h,
         num_clusters,
-        g,
-        splits_c,
         list_capacity,
         sink_tokens,
         *hist_args,
-        HEAD_DIM=d,
         HIST_BINS=HIST_BINS,
-        ROWS=rows_g,
-        SPLIT_PAD=split_pad_c,
-        CHUNK=SCORE_CHUNK,
-        FAR_SLICE=min(FAR_SLICE, block_d),
-        FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
-        WITH_FAR=replacement,
-        FUSE_SELECT=tune.fuse_select,
         TILE=tile,
         MAX_STEPS=MAX_BISECT_STEPS,
-        num_warps=score_warps,
+        num_warps=tune.select_warps,
     )
-    if not tune.fuse_select:
-        _select_kernel[(rows,)](
-            selection[0],
-            hist,
-            *selection[1:],
-            h,
-            num_clusters,
-            list_capacity,
-            sink_tokens,
-            *hist_args,
-            HIST_BINS=HIST_BINS,
-            TILE=tile,
-            MAX_STEPS=MAX_BISECT_STEPS,
-            num_warps=tune.select_warps,
-        )
 
-    # 4. Exact pass over sink, recent window and selected tokens (minus their far field);
-    # 5. merge (maybe fused in 4).
+    # 4. Positions (and clusters) of the selected tokens, many programs per row.
+    slot_capacity = max(1, max_budget)
+    pos = buf("pos", (rows, slot_capacity), i32)
+    cluster = buf("cluster", (rows, slot_capacity), i32) if replacement else pos
+    per_x, splits_x = _per_split(
+        slot_capacity, rows, EXPAND_BLOCK, _target_programs(dev, tune.expand_programs_per_sm)
+    )
+    _expand_kernel[(rows, splits_x)](
+        sel_first,
+        sel_base,
+        sel_cluster,
+        layout.order,
+        count,
+        num_selected,
+        seq_lens,
+        clustered_len,
+        pos,
+        cluster,
+        h,
+        list_capacity,
+        layout.order.shape[-1],
+        slot_capacity,
+        sink_tokens,
+        per_x,
+        BLOCK=EXPAND_BLOCK,
+        WINDOW=2 * EXPAND_BLOCK,
+        RANK_CHUNK=RANK_CHUNK,
+        WITH_FAR=replacement,
+        num_warps=4,
+    )
+
+    # 5. Exact pass over sink, recent window and selected tokens (minus their far field);
+    # 6. merge.
     per_n, splits_n = _per_split(
         token_capacity,
         rows,
@@ -322,35 +337,27 @@ def fused_decode(
     m_e = buf("m_e", (rows, splits_n, g), f32)
     l_e = buf("l_e", (rows, splits_n, g), f32)
     acc_e = buf("acc_e", (rows, splits_n, g, d), f32)
-    merge_sem = buf("merge_sem", (rows,), i32, zero=True)
     out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
     lse = torch.empty(b, h, g, device=dev, dtype=f32)
     split_pad_n = _pow2(splits_n, 2)
-    merge = (far_m, far_l, far_acc, out, lse)
     _sparse_decode_kernel[(rows, splits_n)](
         q,
         keys,
         values,
-        layout.order,
+        pos,
+        cluster,
         z,
-        sel_first,
-        sel_base,
-        sel_cluster,
         count,
-        num_selected,
         seq_lens,
         clustered_len,
         m_e,
         l_e,
         acc_e,
-        merge_sem,
-        *merge,
         scale,
         h,
         g,
         num_clusters,
-        list_capacity,
-        layout.order.shape[-1],
+        slot_capacity,
         kv_capacity,
         sink_tokens,
         exact_capacity,
@@ -360,32 +367,28 @@ def fused_decode(
         BLOCK_G=block_g,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        WINDOW=2 * block_n,
-        RANK_CHUNK=RANK_CHUNK,
         WITH_FAR=replacement,
         NATIVE_DOT=native,
-        PREFETCH=tune.prefetch,
-        FUSE_MERGE=tune.fuse_merge,
-        MERGE_G=rows_g,
-        SPLIT_PAD=split_pad_n,
-        SPLIT_CHUNK=max(1, min(split_pad_n, 8192 // (rows_g * block_d))),
         num_warps=4,
     )
-    if not tune.fuse_merge:
-        merge_d = min(tune.merge_slice, block_d)
-        _merge_kernel[(rows, block_d // merge_d)](
-            m_e,
-            l_e,
-            acc_e,
-            *merge,
-            g,
-            splits_n,
-            HEAD_DIM=d,
-            BLOCK_G=rows_g,
-            BLOCK_D=merge_d,
-            SPLIT_PAD=split_pad_n,
-            SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
-            WITH_FAR=replacement,
-            num_warps=4,
-        )
+    merge_d = min(tune.merge_slice, block_d)
+    _merge_kernel[(rows, block_d // merge_d)](
+        m_e,
+        l_e,
+        acc_e,
+        far_m,
+        far_l,
+        far_acc,
+        out,
+        lse,
+        g,
+        splits_n,
+        HEAD_DIM=d,
+        BLOCK_G=rows_g,
+        BLOCK_D=merge_d,
+        SPLIT_PAD=split_pad_n,
+        SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
+        WITH_FAR=replacement,
+        num_warps=4,
+    )
     return out, lse, count.view(b, h), num_selected.view(b, h)

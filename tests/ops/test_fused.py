@@ -131,11 +131,16 @@ def test_decode_steps_do_not_sync_with_the_host(gen):
 
 
 TUNINGS = {
-    # the last program of a row selects / merges; a selection over several tiles; many small
-    # exact-pass programs with 32-slot tiles; one long exact-pass program per row
-    "fused": dict(fuse_select=True, fuse_merge=True),
-    "tiles": dict(select_tile=128, select_warps=4, block_n=32, exact_programs_per_sm=8),
-    "long": dict(exact_min_split=4096, centroid_programs_per_sm=1),
+    # a selection over several tiles, many small exact-pass programs with 32-slot tiles and
+    # one-tile expansion programs; one long exact-pass and one expansion program per row
+    "tiles": dict(
+        select_tile=128,
+        select_warps=4,
+        block_n=32,
+        exact_programs_per_sm=8,
+        expand_programs_per_sm=64,
+    ),
+    "long": dict(exact_min_split=4096, centroid_programs_per_sm=1, expand_programs_per_sm=1),
 }
 
 
@@ -203,8 +208,9 @@ def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int,
 @pytest.mark.parametrize("kind", ["spread", "ties", "far"])
 def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel_device):
     """The kernels' selection is ``take_by_budget`` on their own scores, token for token, for
-    budgets from nothing to everything (one per sequence), over one tile or several, and the
-    score histogram is left cleared for the next step."""
+    budgets from nothing to everything (one per sequence), over one tile or several; the
+    expansion lists the taken clusters' tokens in order; the score histogram is left cleared
+    for the next step."""
     from multipole import fused
     from multipole.ops.lookup.reference import take_by_budget
 
@@ -238,13 +244,18 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
         expect = take_by_budget(
             score, layout.sizes.cpu(), torch.ones_like(score, dtype=torch.bool), budget
         )
-        taken = torch.zeros(b * h, c, dtype=torch.int64)
-        for row in range(b * h):
-            k = int(scratch["num_selected"][row])
-            first = scratch["sel_first"][row, :k].long()
-            ends = torch.cat([first[1:], (scratch["count"][row] - sink).view(1).long()])
-            taken[row, scratch["sel_cluster"][row, :k].long()] = ends - first
-        assert torch.equal(taken.view(b, h, c), expect)
+        # the expansion: selected slot after slot, each taken cluster's first tokens in order
+        order, offsets = layout.order.cpu().view(b * h, -1), layout.offsets.cpu().view(b * h, c)
+        for row, want in enumerate(expect.view(b * h, c)):
+            used = int(scratch["count"][row]) - sink
+            clusters = want.nonzero().flatten()
+            positions = [order[row, :0]]
+            positions += [order[row, offsets[row, x] : offsets[row, x] + want[x]] for x in clusters]
+            assert used == int(want.sum())
+            assert torch.equal(
+                scratch["cluster"][row, :used].long(), clusters.repeat_interleave(want[clusters])
+            )
+            assert torch.equal(scratch["pos"][row, :used], torch.cat(positions).to(torch.int32))
     if kind == "spread":  # with ties (also the 5 equal dominant clusters of "far") the
         # clusters tied with the boundary one give nothing
         assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]

@@ -1,15 +1,18 @@
-"""Triton kernels of the exact part: split-K flash decoding over the sink, the recent window and
-the tokens of the selected clusters, and the log-sum-exp merge with the far field.
+"""Triton kernels of the exact part: expansion of the selected clusters into token positions,
+split-K flash decoding over the sink, the recent window and those tokens, and the log-sum-exp
+merge with the far field.
 
 Each (sequence, KV head) attends its whole query group to a list of token slots: slots
 ``[0, exact_capacity)`` hold the sink and the recent window (positions computed), the next ones
-the tokens of the selected clusters in the order of the selection's compact list. A program
-owns ``tokens_per_split`` slots; it finds the cluster of each slot from the list's first slots
-(a histogram of the cluster starts inside a tile, then a cumsum: no serial expansion) and reads
-the token's position through the cluster-sorted ``ORDER``. With
-the far field on, each selected token also removes its cluster's far-field term: the centroid
-pass added ``N_c exp(z_c) Vc_c`` for every cluster, and ``sum_{t in c} exp(z_c) v_t`` is the
-same quantity, so the exact pass accumulates ``(exp(x_t) - exp(z_c)) v_t`` (and the same in the
+the tokens of the selected clusters in the order of the selection's compact list.
+``_expand_kernel`` writes the position and the cluster of every selected slot, many programs
+per row (each counts the clusters of the list that start before its first slot, then finds
+the owners inside a tile from a histogram of the cluster starts; no serial expansion), so the
+exact pass reads one index per token before its keys and values: a short chain of dependent
+loads per tile, which is what bounds a decode kernel that reads scattered rows. With the far
+field on, each selected token also removes its cluster's far-field term: the centroid pass
+added ``N_c exp(z_c) Vc_c`` for every cluster, and ``sum_{t in c} exp(z_c) v_t`` is the same
+quantity, so the exact pass accumulates ``(exp(x_t) - exp(z_c)) v_t`` (and the same in the
 denominator). The merge combines the splits and the far field of all clusters.
 """
 
@@ -22,34 +25,91 @@ from ..kernel_utils import dot, load_rows, store_partial
 
 
 @triton.jit
+def _expand_kernel(
+    SEL_FIRST,
+    SEL_BASE,
+    SEL_CLUSTER,
+    ORDER,
+    COUNT,
+    NUM_SELECTED,
+    SEQ_LENS,
+    CLUSTERED,
+    POS,
+    CLUSTER,
+    num_kv_heads,
+    list_capacity,
+    order_capacity,
+    slot_capacity,
+    sink,
+    slots_per_program,
+    BLOCK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
+    WITH_FAR: tl.constexpr,
+):
+    """Position (``ORDER[SEL_BASE[r] + slot]``) and cluster of the selected token slots
+    ``program * slots_per_program ..`` of one row. Grid: (rows, slot ranges)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // num_kv_heads
+    seq_len = tl.load(SEQ_LENS + b)
+    num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - tl.load(CLUSTERED + b), 0)
+    selected_tokens = tl.load(COUNT + bh) - num_exact
+    num_selected = tl.load(NUM_SELECTED + bh)
+    start = tl.program_id(1) * slots_per_program
+    end = tl.minimum(start + slots_per_program, selected_tokens)
+    list_base = bh * list_capacity
+    # owner of the first slot: the number of clusters that start at or before it, minus one
+    # (only the first ``start + 1`` can: each has a token), counted a chunk of the list at a time
+    limit = tl.minimum(num_selected, start + 1)
+    owners = tl.zeros([], tl.int32)
+    if start < end:
+        offs_r = tl.arange(0, RANK_CHUNK)
+        for r0 in range(0, limit, RANK_CHUNK):
+            f = tl.load(SEL_FIRST + list_base + r0 + offs_r, mask=r0 + offs_r < limit, other=0)
+            owners += tl.sum(((f <= start) & (r0 + offs_r < limit)).to(tl.int32))
+    r_first = tl.maximum(owners - 1, 0)
+    offs = tl.arange(0, BLOCK)
+    offs_w = tl.arange(0, WINDOW)
+    for t0 in range(start, end, BLOCK):
+        slots = t0 + offs
+        mask = slots < end
+        ranks = r_first + offs_w
+        rel = (
+            tl.load(SEL_FIRST + list_base + ranks, mask=ranks < num_selected, other=2147483647) - t0
+        ).to(tl.int32)  # [WINDOW]
+        starts = (offs_w >= 1) & (rel >= 1) & (rel < BLOCK)
+        # (no mask argument: Triton 3.6 miscompiles it; bin 0 collects the rest, then is cleared)
+        hist = tl.histogram(tl.where(starts, rel, 0), BLOCK)
+        hist = tl.where(offs == 0, 0, hist)
+        owner = r_first + tl.cumsum(hist, 0)  # [BLOCK]
+        r_first += tl.sum(((offs_w >= 1) & (rel <= BLOCK)).to(tl.int32))
+        base = tl.load(SEL_BASE + list_base + owner, mask=mask, other=0)
+        pos = tl.load(ORDER + bh * order_capacity + base + slots, mask=mask, other=0)
+        tl.store(POS + bh * slot_capacity + slots, pos, mask=mask)
+        if WITH_FAR:
+            cluster = tl.load(SEL_CLUSTER + list_base + owner, mask=mask, other=0)
+            tl.store(CLUSTER + bh * slot_capacity + slots, cluster, mask=mask)
+
+
+@triton.jit
 def _sparse_decode_kernel(
     Q,
     K,
     V,
-    ORDER,
+    POS,
+    CLUSTER,
     Z,
-    SEL_FIRST,
-    SEL_BASE,
-    SEL_CLUSTER,
     COUNT,
-    NUM_SELECTED,
     SEQ_LENS,
     CLUSTERED,
     M_PART,
     L_PART,
     ACC_PART,
-    SEMAPHORE,
-    FAR_M,
-    FAR_L,
-    FAR_ACC,
-    OUT,
-    LSE,
     scale,
     num_kv_heads,
     group,
     num_clusters,
-    list_capacity,
-    order_capacity,
+    slot_capacity,
     kv_capacity,
     sink,
     exact_capacity,
@@ -59,19 +119,15 @@ def _sparse_decode_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    WINDOW: tl.constexpr,
-    RANK_CHUNK: tl.constexpr,
     WITH_FAR: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    FUSE_MERGE: tl.constexpr,
-    MERGE_G: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
 ):
+    """Split ``split`` of one row: slots ``split * tokens_per_split ..`` (sink and recent
+    window first, then the selected tokens at the positions ``_expand_kernel`` wrote)."""
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // num_kv_heads
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_g = tl.arange(0, BLOCK_G)
     mask_d = offs_d < HEAD_DIM
@@ -82,80 +138,36 @@ def _sparse_decode_kernel(
     num_sink = tl.minimum(sink, seq_len)
     recent_start = sink + clustered
     num_exact = num_sink + tl.maximum(seq_len - recent_start, 0)
-    num_selected = tl.load(NUM_SELECTED + bh)
     selected_tokens = tl.load(COUNT + bh) - num_exact
-    list_base = bh * list_capacity
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, exact_capacity + selected_tokens)
-
-    # Rank of the cluster that owns this program's first selected slot: the number of
-    # selected clusters that start at or before it, minus one (a cluster has >= 1 token, so
-    # only the first ``slot + 1`` entries can).
-    first_sel = tl.maximum(start - exact_capacity, 0)
-    limit = tl.minimum(num_selected, first_sel + 1)
-    owners = tl.zeros([], tl.int32)
-    if start < end:
-        offs_r = tl.arange(0, RANK_CHUNK)
-        for r0 in range(0, limit, RANK_CHUNK):
-            f = tl.load(SEL_FIRST + list_base + r0 + offs_r, mask=r0 + offs_r < limit, other=0)
-            owners += tl.sum(((f <= first_sel) & (r0 + offs_r < limit)).to(tl.int32))
-    r_first = tl.maximum(owners - 1, 0)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    tile = (
-        SEL_FIRST,
-        SEL_BASE,
-        SEL_CLUSTER,
-        ORDER,
-        list_base,
-        bh * order_capacity,
-        num_selected,
-        selected_tokens,
-        exact_capacity,
-        num_exact,
-        num_sink,
-        recent_start,
-        end,
-    )
-    if PREFETCH:  # positions of the first tile; each iteration fetches the next one's
-        pos, cluster, is_sel, mask_n, r_first = _tile_slots(
-            start, r_first, *tile, BLOCK_N, WINDOW, WITH_FAR
-        )
     for s0 in range(start, end, BLOCK_N):
-        if not PREFETCH:
-            pos, cluster, is_sel, mask_n, r_first = _tile_slots(
-                s0, r_first, *tile, BLOCK_N, WINDOW, WITH_FAR
-            )
+        slots = s0 + offs_n
+        sel_slot = slots - exact_capacity
+        is_sel = (sel_slot >= 0) & (slots < end)
+        mask_n = is_sel | ((slots < num_exact) & (slots < end))
+        pos = tl.load(POS + bh * slot_capacity + sel_slot, mask=is_sel, other=0)
+        pos = tl.where(
+            is_sel, pos, tl.where(slots < num_sink, slots, recent_start + slots - num_sink)
+        )
         rows = bh * kv_capacity + pos.to(tl.int64)
-        k = tl.load(
-            K + rows[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(V + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_nd, other=0.0)
+        x = dot(q, tl.trans(k), NATIVE_DOT) * scale  # [BLOCK_G, BLOCK_N]
+        x = tl.where(mask_n[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
         if WITH_FAR:
+            cluster = tl.load(CLUSTER + bh * slot_capacity + sel_slot, mask=is_sel, other=0)
             zc = tl.load(
                 Z + (bh * group + offs_g[:, None]) * num_clusters + cluster[None, :],
                 mask=mask_g[:, None] & is_sel[None, :],
                 other=float("-inf"),
             )  # [BLOCK_G, BLOCK_N] far-field logit of each token's cluster
-        if PREFETCH:
-            v = tl.load(
-                V + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            )
-            cur_mask = mask_n
-            pos, cluster, is_sel, mask_n, r_first = _tile_slots(
-                s0 + BLOCK_N, r_first, *tile, BLOCK_N, WINDOW, WITH_FAR
-            )
-        else:
-            cur_mask = mask_n
-        x = dot(q, tl.trans(k), NATIVE_DOT) * scale  # [BLOCK_G, BLOCK_N]
-        x = tl.where(cur_mask[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        if WITH_FAR:
             m_new = tl.maximum(m_new, tl.max(zc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -164,102 +176,21 @@ def _sparse_decode_kernel(
             p -= tl.exp(zc - m_safe[:, None])
         m = m_new
         den = den * alpha + tl.sum(p, axis=1)
-        if not PREFETCH:
-            v = tl.load(
-                V + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=cur_mask[:, None] & mask_d[None, :],
-                other=0.0,
-            )
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, NATIVE_DOT)
-    part = bh * num_splits + split
     store_partial(
-        M_PART, L_PART, ACC_PART, part, group, m, den, acc, HEAD_DIM, BLOCK_G, BLOCK_D, True
+        M_PART,
+        L_PART,
+        ACC_PART,
+        bh * num_splits + split,
+        group,
+        m,
+        den,
+        acc,
+        HEAD_DIM,
+        BLOCK_G,
+        BLOCK_D,
+        True,
     )
-
-    if FUSE_MERGE:
-        # The last program of this row to finish merges the row (it sees every split).
-        tl.debug_barrier()
-        done = tl.atomic_add(SEMAPHORE + bh, 1, sem="acq_rel")
-        if done == num_splits - 1:
-            tl.store(SEMAPHORE + bh, 0)
-            _merge_row(
-                bh,
-                0,
-                M_PART,
-                L_PART,
-                ACC_PART,
-                FAR_M,
-                FAR_L,
-                FAR_ACC,
-                OUT,
-                LSE,
-                group,
-                num_splits,
-                HEAD_DIM,
-                MERGE_G,
-                BLOCK_D,
-                SPLIT_PAD,
-                SPLIT_CHUNK,
-                WITH_FAR,
-                ".cg",
-            )
-
-
-@triton.jit
-def _tile_slots(
-    s0,
-    r_first,
-    SEL_FIRST,
-    SEL_BASE,
-    SEL_CLUSTER,
-    ORDER,
-    list_base,
-    order_base,
-    num_selected,
-    selected_tokens,
-    exact_capacity,
-    num_exact,
-    num_sink,
-    recent_start,
-    end,
-    BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr,
-    WITH_FAR: tl.constexpr,
-):
-    """Cache positions (and clusters) of the token slots ``s0 .. s0 + BLOCK_N``, the mask of
-    the slots in use, and the rank owning the next tile's first selected slot.
-
-    Slots ``[0, exact_capacity)`` are the sink and the recent window, then the selected
-    tokens; tiles never straddle the two (both are multiples of ``BLOCK_N``). ``r_first``
-    owns the tile's first selected slot; the owner of each slot is ``r_first`` plus the
-    clusters that start inside the tile at or before it: a histogram of the starts in a
-    window of the list, then a cumsum."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, WINDOW)
-    slots = s0 + offs_n
-    tile_first = s0 - exact_capacity  # selected slot of the tile's first token
-    sel_slot = slots - exact_capacity
-    is_sel = (sel_slot >= 0) & (sel_slot < selected_tokens) & (slots < end)
-    mask_n = is_sel | ((slots < num_exact) & (slots < end))
-    ranks = r_first + offs_w
-    rel = (
-        tl.load(SEL_FIRST + list_base + ranks, mask=ranks < num_selected, other=2147483647)
-        - tile_first
-    ).to(tl.int32)  # [WINDOW]
-    starts = (offs_w >= 1) & (rel >= 1) & (rel < BLOCK_N)
-    # (no mask argument: Triton 3.6 miscompiles it; bin 0 collects the rest, then is cleared)
-    hist = tl.histogram(tl.where(starts, rel, 0), BLOCK_N)
-    hist = tl.where(offs_n == 0, 0, hist)
-    owner = r_first + tl.cumsum(hist, 0)  # [BLOCK_N]
-    advance = tl.sum(((offs_w >= 1) & (rel <= BLOCK_N)).to(tl.int32))
-    r_next = r_first + tl.where(tile_first >= 0, advance, 0)
-    base = tl.load(SEL_BASE + list_base + owner, mask=is_sel, other=0)
-    pos = tl.load(ORDER + order_base + base + sel_slot, mask=is_sel, other=0)
-    pos = tl.where(is_sel, pos, tl.where(slots < num_sink, slots, recent_start + slots - num_sink))
-    cluster = owner
-    if WITH_FAR:
-        cluster = tl.load(SEL_CLUSTER + list_base + owner, mask=is_sel, other=0)
-    return pos, cluster, is_sel, mask_n, r_next
 
 
 @triton.jit
@@ -282,7 +213,6 @@ def _merge_row(
     SPLIT_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
     WITH_FAR: tl.constexpr,
-    CACHE: tl.constexpr,
 ):
     """Combine the exact splits and the far field of one row, head-dim columns
     ``d0 .. d0 + BLOCK_D``; write the output (and, from the first slice, the lse)."""
@@ -293,8 +223,8 @@ def _merge_row(
     offs_s = tl.arange(0, SPLIT_PAD)
     part = (bh * num_splits + offs_s)[:, None] * group + offs_g[None, :]
     mask_sg = (offs_s < num_splits)[:, None] & mask_g[None, :]
-    m_s = tl.load(M_PART + part, mask=mask_sg, other=float("-inf"), cache_modifier=CACHE)
-    l_s = tl.load(L_PART + part, mask=mask_sg, other=0.0, cache_modifier=CACHE)
+    m_s = tl.load(M_PART + part, mask=mask_sg, other=float("-inf"))
+    l_s = tl.load(L_PART + part, mask=mask_sg, other=0.0)
     m = tl.max(m_s, axis=0)
     far = bh * group + offs_g
     if WITH_FAR:
@@ -308,15 +238,11 @@ def _merge_row(
         ss = s0 + offs_c
         p = (bh * num_splits + ss)[:, None] * group + offs_g[None, :]  # [S, G]
         mask_p = (ss < num_splits)[:, None] & mask_g[None, :]
-        w = tl.exp(
-            tl.load(M_PART + p, mask=mask_p, other=float("-inf"), cache_modifier=CACHE)
-            - m_safe[None, :]
-        )
+        w = tl.exp(tl.load(M_PART + p, mask=mask_p, other=float("-inf")) - m_safe[None, :])
         a = tl.load(
             ACC_PART + p[:, :, None] * HEAD_DIM + offs_d[None, None, :],
             mask=mask_p[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
             other=0.0,
-            cache_modifier=CACHE,
         )  # [S, G, D]
         acc += tl.sum(w[:, :, None] * a, 0)
     if WITH_FAR:
@@ -376,5 +302,4 @@ def _merge_kernel(
         SPLIT_PAD,
         SPLIT_CHUNK,
         WITH_FAR,
-        "",
     )

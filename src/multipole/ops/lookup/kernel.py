@@ -5,12 +5,11 @@ produces the logits of every query head of the group against every cluster plus,
 pass, the partial softmax state of the far field over *all* clusters, split over programs.
 ``_score_kernel`` (many programs per row) ranks the clusters (the paper's eq. 1) and reduces the
 far-field splits to one state per row, and fills a histogram of cluster sizes over score
-bins. ``_select_kernel`` (one program per row, or the last score program of the row when
-fused) finds the bin where the budget runs out from the histogram, then the threshold by
-bisection on the score values of that bin (no sort), and writes the compact list of selected
-clusters: for each, its first slot in the list of selected tokens, where its tokens start in
-the cluster-sorted order, and its id.
-Token positions are expanded by the exact pass itself (``ops/decode/kernel.py``), which also
+bins. ``_select_kernel`` (one program per row) finds the bin where the budget runs out from
+the histogram, then the threshold by bisection on the score values of that bin (no sort), and
+writes the compact list of selected clusters: for each, its first slot in the list of
+selected tokens, where its tokens start in the cluster-sorted order, and its id.
+Token positions are expanded from that list by ``ops/decode/kernel.py``, whose exact pass also
 subtracts the selected clusters' far-field terms. Shapes are fixed by capacities, never by
 data, so a decode step needs no host synchronisation.
 """
@@ -115,24 +114,11 @@ def _score_kernel(
     FAR_M,
     FAR_L,
     FAR_ACC,
-    SEMAPHORE,
     HIST,
     SIZES,
-    OFFSETS,
-    BUDGET,
-    SEQ_LENS,
-    CLUSTERED,
-    SEL_FIRST,
-    SEL_BASE,
-    SEL_CLUSTER,
-    COUNT,
-    NUM_SELECTED,
-    num_kv_heads,
     num_clusters,
     group,
     num_splits,
-    list_capacity,
-    sink,
     hist_top,
     hist_scale,
     HEAD_DIM: tl.constexpr,
@@ -143,16 +129,12 @@ def _score_kernel(
     FAR_SLICE: tl.constexpr,
     FAR_SPLITS: tl.constexpr,
     WITH_FAR: tl.constexpr,
-    FUSE_SELECT: tl.constexpr,
-    TILE: tl.constexpr,
-    MAX_STEPS: tl.constexpr,
 ):
     """Score of every cluster, ``log sum_g exp(z[g, c] - lse[g])`` (the log of the paper's
     eq. 1 summed over the group; dead clusters get ``-inf``), the row's histogram of cluster
     sizes over score bins (``_score_bin``, atomics), and the far-field state of all clusters
     reduced over the centroid-pass splits (program ``j`` of a row reduces head-dim slices
-    ``j, j + chunks, ...``). Grid: (rows, cluster chunks). With ``FUSE_SELECT`` the last
-    program of a row to finish runs the selection (``_select_row``)."""
+    ``j, j + chunks, ...``). Grid: (rows, cluster chunks)."""
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -212,90 +194,6 @@ def _score_kernel(
                 mask=mask_g[:, None] & (dd < HEAD_DIM)[None, :],
             )
 
-    if FUSE_SELECT:
-        # The last program of this row to get here selects (it sees every program's scores).
-        tl.debug_barrier()
-        done = tl.atomic_add(SEMAPHORE + bh, 1, sem="acq_rel")
-        if done == num_chunks - 1:
-            tl.store(SEMAPHORE + bh, 0)
-            _select_row(
-                bh,
-                SCORE,
-                HIST,
-                SIZES,
-                OFFSETS,
-                BUDGET,
-                SEQ_LENS,
-                CLUSTERED,
-                SEL_FIRST,
-                SEL_BASE,
-                SEL_CLUSTER,
-                COUNT,
-                NUM_SELECTED,
-                num_kv_heads,
-                num_clusters,
-                list_capacity,
-                sink,
-                hist_top,
-                hist_scale,
-                HIST_BINS,
-                TILE,
-                MAX_STEPS,
-                ".cg",
-            )
-
-
-@triton.jit
-def _select_kernel(
-    SCORE,
-    HIST,
-    SIZES,
-    OFFSETS,
-    BUDGET,
-    SEQ_LENS,
-    CLUSTERED,
-    SEL_FIRST,
-    SEL_BASE,
-    SEL_CLUSTER,
-    COUNT,
-    NUM_SELECTED,
-    num_kv_heads,
-    num_clusters,
-    list_capacity,
-    sink,
-    hist_top,
-    hist_scale,
-    HIST_BINS: tl.constexpr,
-    TILE: tl.constexpr,
-    MAX_STEPS: tl.constexpr,
-):
-    """Selection of one (sequence, KV head) per program (see ``_select_row``)."""
-    _select_row(
-        tl.program_id(0).to(tl.int64),
-        SCORE,
-        HIST,
-        SIZES,
-        OFFSETS,
-        BUDGET,
-        SEQ_LENS,
-        CLUSTERED,
-        SEL_FIRST,
-        SEL_BASE,
-        SEL_CLUSTER,
-        COUNT,
-        NUM_SELECTED,
-        num_kv_heads,
-        num_clusters,
-        list_capacity,
-        sink,
-        hist_top,
-        hist_scale,
-        HIST_BINS,
-        TILE,
-        MAX_STEPS,
-        "",
-    )
-
 
 @triton.jit
 def _score_bin(score, top, scale, BINS: tl.constexpr):
@@ -329,11 +227,11 @@ def _combine_bin_stats(lo1, hi1, min1, lo2, hi2, min2):
 
 
 @triton.jit
-def _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE: tl.constexpr, CACHE: tl.constexpr):
+def _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE: tl.constexpr):
     """Scores and sizes of clusters ``c0 .. c0 + TILE`` of a row (dead ones: ``-inf``, 0)."""
     cs = c0 + tl.arange(0, TILE)
     mask = cs < num_clusters
-    s = tl.load(SCORE + row + cs, mask=mask, other=float("-inf"), cache_modifier=CACHE)
+    s = tl.load(SCORE + row + cs, mask=mask, other=float("-inf"))
     w = tl.load(SIZES + row + cs, mask=mask, other=0)
     w = tl.where(s > float("-inf"), w, 0)
     return s, w
@@ -361,8 +259,7 @@ def _bisect_stats(s, w, lo, mid, hi):
 
 
 @triton.jit
-def _select_row(
-    bh,
+def _select_kernel(
     SCORE,
     HIST,
     SIZES,
@@ -384,29 +281,29 @@ def _select_row(
     HIST_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
-    CACHE: tl.constexpr,
 ):
-    """Budget selection of one row: the largest set ``{score > t}`` whose sizes fit in the
-    budget, found in the histogram's boundary bin by bisection on the score values (each step
-    halves the span of the scores still undecided, so it stops once they are one value), plus
-    the first tokens of the best cluster left (lowest index on ties) up to the budget
-    (``take_by_budget``), then compaction in cluster order.
+    """Budget selection of one (sequence, KV head) per program: the largest set
+    ``{score > t}`` whose sizes fit in the budget, found in the histogram's boundary bin by
+    bisection on the score values (each step halves the span of the scores still undecided, so
+    it stops once they are one value), plus the first tokens of the best cluster left (lowest
+    index on ties) up to the budget (``take_by_budget``), then compaction in cluster order.
 
     For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
     slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
     ``s`` is ``ORDER[SEL_BASE[r] + s]``) and ``SEL_CLUSTER[r]``; then ``COUNT`` (sink, recent
     window and selected tokens) and ``NUM_SELECTED``.
     """
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // num_kv_heads
     budget = tl.load(BUDGET + b)
     row = bh * num_clusters
     one_tile = num_clusters <= TILE
-    s_all, w_all = _row_tile(SCORE, SIZES, row, 0, num_clusters, TILE, CACHE)
+    s_all, w_all = _row_tile(SCORE, SIZES, row, 0, num_clusters, TILE)
 
     # 1. From the histogram the score kernel filled (then cleared for the next step): the live
     # total and the first bin, best scores first, where the running size passes the budget.
     offs_h = tl.arange(0, HIST_BINS)
-    hist = tl.load(HIST + bh * HIST_BINS + offs_h, cache_modifier=CACHE)
+    hist = tl.load(HIST + bh * HIST_BINS + offs_h)
     tl.store(HIST + bh * HIST_BINS + offs_h, tl.zeros_like(hist))
     total = tl.sum(hist)
     bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, HIST_BINS))
@@ -421,7 +318,7 @@ def _select_row(
         lo, b_max, b_min = _bin_stats(s_all, w_all, bin_star, hist_top, hist_scale, HIST_BINS)
         if not one_tile:
             for c0 in range(TILE, num_clusters, TILE):
-                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
                 lo_t, max_t, min_t = _bin_stats(s, w, bin_star, hist_top, hist_scale, HIST_BINS)
                 lo = tl.maximum(lo, lo_t)
                 b_max = tl.maximum(b_max, max_t)
@@ -435,7 +332,7 @@ def _select_row(
             heavy, lower, upper = _bisect_stats(s_all, w_all, lo, mid, hi)
             if not one_tile:
                 for c0 in range(TILE, num_clusters, TILE):
-                    s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                    s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
                     h_t, l_t, u_t = _bisect_stats(s, w, lo, mid, hi)
                     heavy += h_t
                     lower = tl.maximum(lower, l_t)
@@ -456,7 +353,7 @@ def _select_row(
         boundary = tl.min(tl.where((s_all == below) & (w_all > 0), cs0, num_clusters))
         if not one_tile:
             for c0 in range(TILE, num_clusters, TILE):
-                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
                 cs = c0 + cs0
                 boundary = tl.minimum(
                     boundary, tl.min(tl.where((s == below) & (w > 0), cs, num_clusters))
@@ -470,7 +367,7 @@ def _select_row(
     slot0 = 0
     for c0 in range(0, num_clusters, TILE):
         if c0 > 0:
-            s_all, w_all = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE, CACHE)
+            s_all, w_all = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
         cs = c0 + offs
         part = tl.where(cs == boundary, tl.minimum(rest, w_all), 0)
         sel_w = tl.where(s_all > threshold, w_all, part)
