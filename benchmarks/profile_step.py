@@ -39,6 +39,8 @@ VARIANTS = {
     "bn128": dict(block_n=128),
     "cent4": dict(centroid_programs_per_sm=4),
     "sel4096w8": dict(select_tile=4096, select_warps=8),
+    "selw8": dict(select_warps=8),
+    "selw32": dict(select_warps=32),
 }
 KMEANS_VARIANTS = {
     "default": {},
