@@ -12,11 +12,9 @@ import argparse
 import json
 
 import torch
-from profile_step import make_state
+from profile_step import make_state, step_ms
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
-
-from multipole.bench.kernels import graph_of
 
 
 def kernel_us(state, q, steps: int = 20) -> dict[str, float]:
@@ -58,12 +56,7 @@ def main() -> None:
             identity = torch.arange(n, device=q.device, dtype=torch.int32).expand_as(real_order)
             for name, order in (("real", real_order), ("identity", identity.contiguous())):
                 layout.order = order
-                ms = do_bench(
-                    graph_of(lambda s=state, x=q: s.attend(x)),
-                    warmup=25,
-                    rep=200,
-                    return_mode="median",
-                )
+                ms = step_ms(state, q)
                 per_kernel = kernel_us(state, q)
                 rows.append(
                     dict(

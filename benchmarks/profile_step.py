@@ -88,10 +88,15 @@ def profile_steps(args, budgets, rows) -> None:
             torch.cuda.empty_cache()
 
 
-def time_variants(args, budgets, rows, variants=None) -> dict:
-    """Time each variant (graph replay) per configuration; returns {variant: [ms, ...]}."""
+def step_ms(state, q) -> float:
+    """Median time of one decode step replayed as a CUDA graph (ms)."""
     from triton.testing import do_bench
 
+    return do_bench(graph_of(lambda: state.attend(q)), warmup=25, rep=200, return_mode="median")
+
+
+def time_variants(args, budgets, rows, variants=None) -> dict:
+    """Time each variant (graph replay) per configuration; returns {variant: [ms, ...]}."""
     variants = VARIANTS if variants is None else variants
     times: dict[str, list[float]] = {name: [] for name in variants}
     for batch in map(int, args.batches.split(",")):
@@ -111,12 +116,7 @@ def time_variants(args, budgets, rows, variants=None) -> dict:
                 fused_mod.TUNING = fused_mod.Tuning(**kw)
                 out = state.attend(q)
                 err = rel_err(out, base)
-                ms = do_bench(
-                    graph_of(lambda s=state, x=q: s.attend(x)),
-                    warmup=25,
-                    rep=200,
-                    return_mode="median",
-                )
+                ms = step_ms(state, q)
                 rows.append(
                     dict(
                         kind="variant",
