@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -116,6 +117,50 @@ def test_ragged_batch_equals_sequences_run_alone(gen, levels):
             s.append(nk[i : i + 1], nv[i : i + 1])
         compare()
     assert batch.clustered_len == [s.clustered_len[0] for s in alone]
+
+
+@pytest.mark.parametrize(("backend", "levels"), [("reference", 1), ("reference", 2), ("triton", 1)])
+def test_select_sequences_makes_each_row_a_copy_of_the_chosen_one(gen, request, backend, levels):
+    """Beam search: after ``select_sequences(rows)`` row i decodes exactly as sequence
+    ``rows[i]`` would (a row copied twice, one dropped; ragged lengths), through later online
+    updates; on the kernels too, whose layout is rewritten in place."""
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    lengths = [700, 333, 1000]
+    k, v = (t.to(device) for t in _kv(gen, 3, 2, 1000, 32))
+    q = torch.randn(3, 4, 32, generator=gen).to(device)
+    cfg = dataclasses.replace(SMALL, levels=levels, backend=backend)
+    batch = MultipoleState.prefill(k, v, cfg, lengths=lengths)
+    alone = [
+        MultipoleState.prefill(k[i : i + 1, :, :n], v[i : i + 1, :, :n], cfg)
+        for i, n in enumerate(lengths)
+    ]
+    nk, nv = (t.to(device) for t in _kv(gen, 3, 2, 23, 32))
+    batch.append(nk, nv)
+    for i, s in enumerate(alone):
+        s.append(nk[i : i + 1], nv[i : i + 1])
+    batch.attend(q)  # builds the kernel layout
+    rows = [2, 2, 0]
+    batch.select_sequences(torch.tensor(rows))
+    expect = [copy.deepcopy(alone[r]) for r in rows]
+    assert batch.seq_lens == [s.seq_lens[0] for s in expect]
+    for _ in range(3):  # appends that cross online updates
+        out = batch.attend(q)
+        for i, s in enumerate(expect):
+            assert rel_err(out[i : i + 1], s.attend(q[i : i + 1])) < 1e-5, i
+        nk, nv = (t.to(device) for t in _kv(gen, 3, 2, 23, 32))
+        batch.append(nk, nv)
+        for i, s in enumerate(expect):
+            s.append(nk[i : i + 1], nv[i : i + 1])
+    assert batch.clustered_len == [s.clustered_len[0] for s in expect]
+
+
+def test_select_sequences_rejects_a_bad_index(gen):
+    k, v = _kv(gen, 3, 2, 100, 16)
+    state = MultipoleState.prefill(k, v, SMALL)
+    for bad in ([0, 1], [0, 1, 3], torch.tensor([0.0, 1.0, 2.0]), torch.zeros(3, 1).long()):
+        with pytest.raises(ValueError, match="index: expected"):
+            state.select_sequences(bad)
+    assert state.seq_lens == [100] * 3
 
 
 @pytest.mark.parametrize("dtype", list(REL_TOL), ids=lambda t: str(t).split(".")[1])

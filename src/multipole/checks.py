@@ -108,3 +108,20 @@ def check_heads(q_name: str, num_q_heads: int, num_kv_heads: int) -> int:
 def should_validate(flag: bool | None, tensor: torch.Tensor) -> bool:
     """Resolve ``validate=None`` to: check CPU tensors, skip device tensors (a check syncs)."""
     return tensor.device.type == "cpu" if flag is None else flag
+
+
+def check_row_index(name: str, index: torch.Tensor | Sequence[int], batch: int) -> list[int]:
+    """``index`` as a host list of ``batch`` row numbers in ``[0, batch)``, or a clear error."""
+    if isinstance(index, torch.Tensor):
+        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise ValueError(
+                f"{name}: expected a 1-D integer tensor of {batch} rows, got "
+                f"{index.dtype} of shape {list(index.shape)}"
+            )
+        index = index.tolist()
+    rows = list(index)
+    if len(rows) != batch or not all(
+        isinstance(r, int) and not isinstance(r, bool) and 0 <= r < batch for r in rows
+    ):
+        raise ValueError(f"{name}: expected {batch} row numbers in [0, {batch}), got {rows}")
+    return rows

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .index import ClusterIndex
+from .index import ClusterIndex, take_rows_
 from .ops.kernel_utils import native_dot
 
 BLOCK_C = 64  # centroids per tile of the centroid pass
@@ -102,6 +102,13 @@ class FusedLayout:
             make = torch.zeros if zero else torch.empty
             t = self.scratch[name] = make(shape, dtype=dtype, device=self.sizes.device)
         return t
+
+    def select_rows(self, rows: torch.Tensor, done: set[int]) -> None:
+        """Row ``b`` becomes a copy of row ``rows[b]``, in place (the scratch buffers hold
+        nothing between steps)."""
+        tensors = (self.key_centroids, self.value_centroids, self.sizes, self.offsets)
+        for t in (*tensors, self.order, self.live, *self.workspace.values()):
+            take_rows_(t, rows, done)
 
     @classmethod
     def build(cls, index: ClusterIndex, num_tokens: int, dtype: torch.dtype) -> FusedLayout:

@@ -39,9 +39,10 @@ Which keys are clustered (``MultipoleConfig.position_free_keys``):
 ``method`` picks the decode state of every layer (``multipole.baselines.METHODS``), so every
 baseline runs through the same cache. With tensor parallelism (transformers ``tp_plan``) each
 rank sees its own KV heads; k-means is seeded per global KV head, so results do not depend on
-the number of ranks. Beam search, cropping after decoding (speculative decoding, which crops
-its rejected draft tokens), ragged multi-turn batches and ``output_attentions`` are not
-supported and raise.
+the number of ranks. Beam search reorders the decode states in place
+(:meth:`~multipole.MultipoleState.select_sequences`). Cropping after decoding (speculative
+decoding, which crops its rejected draft tokens), selecting or repeating sequences after
+decoding, ragged multi-turn batches and ``output_attentions`` are not supported and raise.
 """
 
 from __future__ import annotations
@@ -229,7 +230,11 @@ class MultipoleLayer(DynamicLayer):
         return self.rotary.rotate(query.unsqueeze(2), delta[:, None])[:, :, 0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("MultipoleCache: beam search is not supported")
+        """Beam search: row ``i`` takes the cache of beam ``beam_idx[i]``."""
+        if self.state is None:
+            super().reorder_cache(beam_idx)
+        else:
+            self.state.select_sequences(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:

@@ -146,6 +146,25 @@ class ClusterIndex:
         # scratch buffers of the fused decode step, kept across the layouts of this index
         self.fused_scratch: dict[str, torch.Tensor] = {}
 
+    def select_sequences(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
+        """Row ``i`` becomes a copy of row ``rows[i]`` (in place; see
+        :meth:`multipole.MultipoleState.select_sequences`)."""
+        self.open_block_start = [self.open_block_start[i] for i in rows]
+        take_rows_(self.labels, device_rows, done)
+        take_rows_(self.parent, device_rows, done)
+        for level in (self.level0, self.level1):
+            if level is None:
+                continue
+            for t in (
+                level.key_centroids,
+                level.value_centroids,
+                level.sizes,
+                level.attention_key_centroids,
+            ):
+                take_rows_(t, device_rows, done)
+            level.count = [level.count[i] for i in rows]
+            level.open_start = [level.open_start[i] for i in rows]
+
     # ------------------------------------------------------------------ building
     def reserve_tokens(self, needed: int) -> None:
         self.labels = grow(self.labels, 2, needed, -1)
@@ -485,6 +504,14 @@ class ClusterIndex:
 
 
 GROW_MIN = 1024  # slots added at least per growth
+
+
+def take_rows_(t: torch.Tensor | None, rows: torch.Tensor, done: set[int]) -> None:
+    """``t[i] = t[rows[i]]`` along dim 0, in place (same storage), once per tensor: ``done``
+    holds the data pointers already rewritten (a layout may share a tensor with its index)."""
+    if t is not None and t.data_ptr() not in done:
+        done.add(t.data_ptr())
+        t.copy_(t.index_select(0, rows))
 
 
 def grow(t: torch.Tensor, dim: int, needed: int, fill: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ behind the same ``prefill`` / ``attend`` / ``append`` / ``stats`` interface.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from . import checks
 from .config import MultipoleConfig
 from .fused import FusedLayout, fused_decode
-from .index import ClusterIndex, grow
+from .index import ClusterIndex, grow, take_rows_
 from .ops.decode import attend_tokens, far_field, merge_states
 from .ops.kernel_utils import kernels_available, triton_installed
 from .ops.lookup import cluster_logits, log_importance, select_by_budget, take_by_budget
@@ -295,6 +295,28 @@ class DecodeState:
         self._seq_lens_device += t
         self._advance_due()
 
+    def select_sequences(self, index: torch.Tensor | Sequence[int]) -> None:
+        """Make row ``i`` of the batch a copy of row ``index[i]`` (beam search reorders its
+        beams this way: a row can be copied several times or dropped).
+
+        The batch size stays; tensors are rewritten in place, so decode steps captured as CUDA
+        graphs (:class:`multipole.graphs.GraphedStep`) stay valid. Reads ``index`` on the host
+        (one sync when it is a device tensor).
+        """
+        rows = checks.check_row_index("index", index, self.batch_size)
+        device_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        done: set[int] = set()
+        for t in (self._keys, self._values, self._cluster_keys, self._seq_lens_device):
+            take_rows_(t, device_rows, done)
+        self.seq_lens = [self.seq_lens[i] for i in rows]
+        self.clustered_len = [self.clustered_len[i] for i in rows]
+        self._reads = None
+        self._select_rows(rows, device_rows, done)
+
+    def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
+        """Hook of :meth:`select_sequences` for a subclass's own per-sequence state (``done``:
+        see :func:`~multipole.index.take_rows_`)."""
+
     def _advance_due(self) -> None:
         """Move ``interval`` tokens from the recent window into the middle while it is too long."""
         cfg = self.config
@@ -468,6 +490,12 @@ class MultipoleState(DecodeState):
         self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
         self._fused = None
         self._ranks = None
+
+    def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
+        self.index.select_sequences(rows, device_rows, done)
+        if self._fused is not None:
+            self._fused.select_rows(device_rows, done)
+        take_rows_(self._ranks, device_rows, done)
 
     def _attend(self, q, lookup_q, scale):
         if self._backend(lookup_q is q) == "triton":
