@@ -92,6 +92,34 @@ def test_beam_search_with_full_budget_matches_stock_transformers(gen, device):
     assert cache.layers[0].state.clustered_len[0] > 256  # online updates ran
 
 
+def test_assisted_generation_with_full_budget_matches_greedy(gen):
+    """Speculative decoding crops the rejected draft tokens (``crop``) and verifies drafts in
+    multi-token chunks; the output is still greedy's."""
+    seed = int(torch.randint(1000, (1,), generator=gen))
+    model = tiny_model("llama", seed)
+    assistant = tiny_model("llama", seed + 1, num_hidden_layers=1)
+    ids = torch.randint(1, 128, (1, 300), generator=gen)
+    ours = generate(
+        model, ids, multipole.MultipoleCache(FULL), max_new_tokens=60, assistant_model=assistant
+    )
+    assert torch.equal(ours, generate(model, ids, max_new_tokens=60))
+
+
+def test_crop_after_decoding_drops_the_newest_tokens_or_says_why(gen):
+    model = tiny_model("llama", 0)
+    ids = torch.randint(1, 128, (1, 300), generator=gen)
+    cache = multipole.MultipoleCache(SMALL)
+    generate(model, ids, cache, max_new_tokens=5)
+    length = cache.get_seq_length()
+    cache.crop(-3)
+    assert cache.get_seq_length() == length - 3
+    assert cache.layers[0].state.seq_lens == [length - 3]
+    with pytest.raises(NotImplementedError, match="fewer draft tokens than config.interval"):
+        cache.crop(-200)
+    with pytest.raises(NotImplementedError, match="legacy"):
+        cache.crop(10)
+
+
 def test_small_budget_logits_stay_close_to_dense(gen):
     """First decode step, ~350-token middle region: logits within 20% of dense at budget 48 on
     a random model (near-uniform attention, the hard case for any sparse method), closer at

@@ -154,6 +154,36 @@ def test_select_sequences_makes_each_row_a_copy_of_the_chosen_one(gen, request, 
     assert batch.clustered_len == [s.clustered_len[0] for s in expect]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_drop_newest_forgets_tokens_as_if_never_appended(gen, request, backend):
+    """Speculative decoding: appending draft tokens, dropping them and appending others equals
+    appending only the others (ragged lengths, an online update just before)."""
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    lengths = [300, 257]
+    k, v = (t.to(device) for t in _kv(gen, 2, 2, 300, 32))
+    q = torch.randn(2, 4, 32, generator=gen).to(device)
+    cfg = dataclasses.replace(SMALL, backend=backend)
+    speculative = MultipoleState.prefill(k, v, cfg, lengths=lengths)
+    plain = MultipoleState.prefill(k, v, cfg, lengths=lengths)
+    kept, draft, other = ((t.to(device) for t in _kv(gen, 2, 2, n, 32)) for n in (40, 6, 4))
+    kept, draft, other = list(kept), list(draft), list(other)
+    for state in (speculative, plain):
+        state.append(*kept)  # crosses an online update
+        state.attend(q)
+    speculative.append(*draft)
+    speculative.attend(q)
+    speculative.drop_newest(6)
+    for state in (speculative, plain):
+        state.append(*other)
+    assert speculative.seq_lens == plain.seq_lens
+    assert speculative.clustered_len == plain.clustered_len
+    assert rel_err(speculative.attend(q), plain.attend(q)) < 1e-6
+    with pytest.raises(ValueError, match="count: at most"):
+        speculative.drop_newest(10**4)
+    with pytest.raises(ValueError, match="count: expected an int >= 0"):
+        speculative.drop_newest(-1)
+
+
 def test_select_sequences_rejects_a_bad_index(gen):
     k, v = _kv(gen, 3, 2, 100, 16)
     state = MultipoleState.prefill(k, v, SMALL)

@@ -40,9 +40,11 @@ Which keys are clustered (``MultipoleConfig.position_free_keys``):
 baseline runs through the same cache. With tensor parallelism (transformers ``tp_plan``) each
 rank sees its own KV heads; k-means is seeded per global KV head, so results do not depend on
 the number of ranks. Beam search reorders the decode states in place
-(:meth:`~multipole.MultipoleState.select_sequences`). Cropping after decoding (speculative
-decoding, which crops its rejected draft tokens), selecting or repeating sequences after
-decoding, ragged multi-turn batches and ``output_attentions`` are not supported and raise.
+(:meth:`~multipole.MultipoleState.select_sequences`); speculative decoding (assisted
+generation) crops its rejected draft tokens from the recent window
+(:meth:`~multipole.MultipoleState.drop_newest`: drafts shorter than ``interval``). Selecting or
+repeating sequences after decoding, ragged multi-turn batches and ``output_attentions`` are not
+supported and raise.
 """
 
 from __future__ import annotations
@@ -247,10 +249,25 @@ class MultipoleLayer(DynamicLayer):
         super().batch_select_indices(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.state is not None:
-            raise NotImplementedError("MultipoleCache: cannot crop after decoding started")
-        super().crop(tokens_to_remove)
-        self._length = 0 if self.keys is None else self.keys.shape[-2]
+        """Drop the newest ``-tokens_to_remove`` tokens (transformers' convention: a negative
+        count, as speculative decoding passes for its rejected draft tokens)."""
+        if self.state is None:
+            super().crop(tokens_to_remove)
+            self._length = 0 if self.keys is None else self.keys.shape[-2]
+            return
+        if tokens_to_remove > 0:
+            raise NotImplementedError(
+                "MultipoleCache: crop(n) with n > 0 (the legacy 'keep n tokens' form) after "
+                "decoding started; pass -count to drop the newest count tokens"
+            )
+        try:
+            self.state.drop_newest(-tokens_to_remove)
+        except ValueError as err:
+            raise NotImplementedError(
+                f"MultipoleCache: cannot crop {-tokens_to_remove} tokens after decoding: {err}"
+                f" (use fewer draft tokens than config.interval = {self.config.interval})"
+            ) from err
+        self._length += tokens_to_remove
 
 
 class MultipoleCache(Cache):

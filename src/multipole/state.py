@@ -313,6 +313,30 @@ class DecodeState:
         self._reads = None
         self._select_rows(rows, device_rows, done)
 
+    def drop_newest(self, count: int) -> None:
+        """Forget the newest ``count`` tokens of every sequence (speculative decoding drops its
+        rejected draft tokens this way); the next :meth:`append` writes over them.
+
+        Only tokens of the recent window can go, never clustered ones, and at least one token
+        stays: after an online update the window still holds ``interval`` tokens, so drafts
+        shorter than ``interval`` can always be dropped. Host only, no sync.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count: expected an int >= 0, got {count!r}")
+        if count == 0:
+            return
+        sink = self.config.sink_tokens
+        floors = [sink + c if c > 0 else 1 for c in self.clustered_len]
+        most = min(n - f for n, f in zip(self.seq_lens, floors, strict=True))
+        if count > most:
+            raise ValueError(
+                f"count: at most {most} tokens can be dropped (those of the recent window, "
+                f"which no online update has clustered yet), got {count}"
+            )
+        self.seq_lens = [n - count for n in self.seq_lens]
+        self._seq_lens_device -= count
+        self._reads = None
+
     def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         """Hook of :meth:`select_sequences` for a subclass's own per-sequence state (``done``:
         see :func:`~multipole.index.take_rows_`)."""
