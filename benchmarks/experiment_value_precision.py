@@ -1,0 +1,93 @@
+"""Would 8-bit value centroids pay? Teacher-forced KL(dense || run) of ``multipole`` whose
+value centroids are rounded to float8 (e4m3) in the far field, with the bytes that saves
+given back as exact tokens (half the token budget that 16-bit value centroids cost against
+``centroid_only``), next to ``multipole`` and ``centroid_only`` at equal bytes. A simulation
+on the PyTorch path: the kernels read 16-bit centroids.
+
+python benchmarks/experiment_value_precision.py [--model qwen2.5-0.5b] [--context 16384]
+    [--decode-tokens 256] [--fraction 0.03125] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+from tqdm import tqdm
+
+import multipole.state as state_mod
+from multipole.data import text_windows
+from multipole.eval.decoding import Run
+from multipole.eval.harness import EvalSettings, method_config, perplexity_task, runs_for
+from multipole.models import load_model
+from multipole.ops.decode import far_field
+
+CURRENT = {"budget": None}  # token budget of the state whose far field is being computed
+
+
+def far_field_fp8_values(q, key_centroids, value_centroids, sizes, cluster_mask, scale):
+    """``far_field`` with the value centroids rounded to float8 e4m3 (scaled per row)."""
+    peak = value_centroids.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+    rounded = (value_centroids / peak).to(torch.float8_e4m3fn).to(value_centroids.dtype) * peak
+    return far_field(q, key_centroids, rounded, sizes, cluster_mask, scale)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--fraction", type=float, default=1 / 32)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model)
+    settings = EvalSettings(
+        tasks=("perplexity",),
+        methods=("multipole", "centroid_only"),
+        fractions=(args.fraction,),
+        context=args.context,
+        decode_tokens=args.decode_tokens,
+        windows=1,
+    )
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    runs, _ = runs_for(settings, args.context, head_dim)
+    multipole = method_config("multipole", args.fraction, args.context, head_dim, settings)
+    centroid_only = method_config("centroid_only", args.fraction, args.context, head_dim, settings)
+    budget = (multipole.token_budget + centroid_only.token_budget) // 2
+    fp8 = dataclasses.replace(multipole, token_budget=budget)
+    runs.append(Run("multipole_fp8_values", "multipole", fp8))
+    print(
+        f"token budgets: multipole {multipole.token_budget}, fp8 values {budget}, "
+        f"centroid-only {centroid_only.token_budget}",
+        flush=True,
+    )
+
+    # the far field of the fp8 run only: the runs step in lockstep, one cache after another
+    def far_field_of_run(q, key_centroids, value_centroids, sizes, cluster_mask, scale):
+        if CURRENT["budget"] == budget:
+            return far_field_fp8_values(
+                q, key_centroids, value_centroids, sizes, cluster_mask, scale
+            )
+        return far_field(q, key_centroids, value_centroids, sizes, cluster_mask, scale)
+
+    original_attend = state_mod.MultipoleState._attend_reference
+
+    def attend_reference(self, q, lookup_q, scale):
+        CURRENT["budget"] = self.config.token_budget
+        return original_attend(self, q, lookup_q, scale)
+
+    state_mod.far_field = far_field_of_run
+    state_mod.MultipoleState._attend_reference = attend_reference
+    window = text_windows(tokenizer, args.context + args.decode_tokens + 1, 1)[0]
+    results = perplexity_task(model, torch.tensor([window]), runs, settings, tqdm)
+    for label, metrics in results.items():
+        print(f"{label:24s} KL {metrics['kl']:.4f}  perplexity {metrics['perplexity']:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(settings=vars(args), results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
