@@ -11,39 +11,20 @@ python benchmarks/experiment_first_layer.py [--model qwen2.5-0.5b] [--context 16
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 
-import torch
-from tqdm import tqdm
+from kl_experiment import parser, run_and_report, setup
 
-from multipole.data import text_windows
 from multipole.eval.decoding import Run
-from multipole.eval.harness import EvalSettings, method_config, perplexity_task, runs_for
-from multipole.models import load_model
+from multipole.eval.harness import method_config, runs_for
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="qwen2.5-0.5b")
-    parser.add_argument("--context", type=int, default=16384)
-    parser.add_argument("--decode-tokens", type=int, default=256)
-    parser.add_argument("--fraction", type=float, default=1 / 16)
-    parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--same-tokens", action="store_true")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
-    settings = EvalSettings(
-        tasks=("perplexity",),
-        methods=("multipole", "centroid_only"),
-        fractions=(args.fraction,),
-        context=args.context,
-        decode_tokens=args.decode_tokens,
-        windows=1,
-    )
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    p = parser(1 / 16)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--same-tokens", action="store_true")
+    args = p.parse_args()
+    model, tokenizer, settings, head_dim = setup(args, ("multipole", "centroid_only"))
     runs, _ = runs_for(settings, args.context, head_dim)
     multipole = method_config("multipole", args.fraction, args.context, head_dim, settings)
     centroid_only = method_config("centroid_only", args.fraction, args.context, head_dim, settings)
@@ -53,14 +34,7 @@ def main() -> None:
     if args.same_tokens:  # more bytes: centroid-only's token budget plus the value centroids
         same = dataclasses.replace(centroid_only, replacement=True)
         runs.append(Run("multipole_same_tokens", "multipole", same))
-    window = text_windows(tokenizer, args.context + args.decode_tokens + 1, 1)[0]
-    ids = torch.tensor([window])
-    results = perplexity_task(model, ids, runs, settings, tqdm)
-    for label, metrics in results.items():
-        print(f"{label:36s} KL {metrics['kl']:.4f}  perplexity {metrics['perplexity']:.3f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(settings=vars(args), results=results), f, indent=1)
+    run_and_report(model, tokenizer, settings, runs, args)
 
 
 if __name__ == "__main__":

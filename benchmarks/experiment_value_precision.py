@@ -10,18 +10,14 @@ python benchmarks/experiment_value_precision.py [--model qwen2.5-0.5b] [--contex
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 
 import torch
-from tqdm import tqdm
+from kl_experiment import parser, run_and_report, setup
 
 import multipole.state as state_mod
-from multipole.data import text_windows
 from multipole.eval.decoding import Run
-from multipole.eval.harness import EvalSettings, method_config, perplexity_task, runs_for
-from multipole.models import load_model
+from multipole.eval.harness import method_config, runs_for
 from multipole.ops.decode import far_field
 
 CURRENT = {"budget": None}  # token budget of the state whose far field is being computed
@@ -35,23 +31,8 @@ def far_field_fp8_values(q, key_centroids, value_centroids, sizes, cluster_mask,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="qwen2.5-0.5b")
-    parser.add_argument("--context", type=int, default=16384)
-    parser.add_argument("--decode-tokens", type=int, default=256)
-    parser.add_argument("--fraction", type=float, default=1 / 32)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
-    settings = EvalSettings(
-        tasks=("perplexity",),
-        methods=("multipole", "centroid_only"),
-        fractions=(args.fraction,),
-        context=args.context,
-        decode_tokens=args.decode_tokens,
-        windows=1,
-    )
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    args = parser(1 / 32).parse_args()
+    model, tokenizer, settings, head_dim = setup(args, ("multipole", "centroid_only"))
     runs, _ = runs_for(settings, args.context, head_dim)
     multipole = method_config("multipole", args.fraction, args.context, head_dim, settings)
     centroid_only = method_config("centroid_only", args.fraction, args.context, head_dim, settings)
@@ -80,13 +61,7 @@ def main() -> None:
 
     state_mod.far_field = far_field_of_run
     state_mod.MultipoleState._attend_reference = attend_reference
-    window = text_windows(tokenizer, args.context + args.decode_tokens + 1, 1)[0]
-    results = perplexity_task(model, torch.tensor([window]), runs, settings, tqdm)
-    for label, metrics in results.items():
-        print(f"{label:24s} KL {metrics['kl']:.4f}  perplexity {metrics['perplexity']:.3f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(settings=vars(args), results=results), f, indent=1)
+    run_and_report(model, tokenizer, settings, runs, args)
 
 
 if __name__ == "__main__":
