@@ -165,8 +165,7 @@ def test_drop_newest_forgets_tokens_as_if_never_appended(gen, request, backend):
     cfg = dataclasses.replace(SMALL, backend=backend)
     speculative = MultipoleState.prefill(k, v, cfg, lengths=lengths)
     plain = MultipoleState.prefill(k, v, cfg, lengths=lengths)
-    kept, draft, other = ((t.to(device) for t in _kv(gen, 2, 2, n, 32)) for n in (40, 6, 4))
-    kept, draft, other = list(kept), list(draft), list(other)
+    kept, draft, other = ([t.to(device) for t in _kv(gen, 2, 2, n, 32)] for n in (40, 6, 4))
     for state in (speculative, plain):
         state.append(*kept)  # crosses an online update
         state.attend(q)

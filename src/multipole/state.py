@@ -304,7 +304,11 @@ class DecodeState:
         (one sync when it is a device tensor).
         """
         rows = checks.check_row_index("index", index, self.batch_size)
-        device_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        device_rows = (  # a device index is used where it is, not copied back from the host
+            index.to(self.device, torch.int64)
+            if isinstance(index, torch.Tensor)
+            else torch.tensor(rows, dtype=torch.int64, device=self.device)
+        )
         done: set[int] = set()
         for t in (self._keys, self._values, self._cluster_keys, self._seq_lens_device):
             take_rows_(t, device_rows, done)

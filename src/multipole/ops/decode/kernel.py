@@ -194,9 +194,7 @@ def _sparse_decode_kernel(
 
 
 @triton.jit
-def _merge_row(
-    bh,
-    d0,
+def _merge_kernel(
     M_PART,
     L_PART,
     ACC_PART,
@@ -215,7 +213,10 @@ def _merge_row(
     WITH_FAR: tl.constexpr,
 ):
     """Combine the exact splits and the far field of one row, head-dim columns
-    ``d0 .. d0 + BLOCK_D``; write the output (and, from the first slice, the lse)."""
+    ``d0 .. d0 + BLOCK_D``; write the output (and, from the first slice, the lse).
+    Grid: (rows, head-dim slices of ``BLOCK_D``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1) * BLOCK_D
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_g = offs_g < group
@@ -261,45 +262,3 @@ def _merge_row(
     if d0 == 0:
         lse = tl.where(ok, m_safe + tl.log(tl.where(ok, den, 1.0)), float("-inf"))
         tl.store(LSE + bh * group + offs_g, lse, mask=mask_g)
-
-
-@triton.jit
-def _merge_kernel(
-    M_PART,
-    L_PART,
-    ACC_PART,
-    FAR_M,
-    FAR_L,
-    FAR_ACC,
-    OUT,
-    LSE,
-    group,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
-    WITH_FAR: tl.constexpr,
-):
-    """Grid: (rows, head-dim slices of ``BLOCK_D``); see ``_merge_row``."""
-    _merge_row(
-        tl.program_id(0).to(tl.int64),
-        tl.program_id(1) * BLOCK_D,
-        M_PART,
-        L_PART,
-        ACC_PART,
-        FAR_M,
-        FAR_L,
-        FAR_ACC,
-        OUT,
-        LSE,
-        group,
-        num_splits,
-        HEAD_DIM,
-        BLOCK_G,
-        BLOCK_D,
-        SPLIT_PAD,
-        SPLIT_CHUNK,
-        WITH_FAR,
-    )
