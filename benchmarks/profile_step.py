@@ -287,12 +287,16 @@ def kmeans_checks(args, rows) -> None:
         print(row, flush=True)
 
 
-def profile_update(rows) -> None:
-    """Where an online update (8K open block + 128 tokens) and the next step spend time:
-    wall time of each part (synchronised) and the top operators (torch.profiler)."""
-    n = 16 + 8064 + 255
+def profile_update(rows, context: int | None = None, batch: int = 1) -> None:
+    """Where an online update and the next step spend time: wall time of each part
+    (synchronised; the layout rebuild also alone) and the top operators by GPU time
+    (torch.profiler). Default shape: an 8K open block + 128 tokens, 8 heads, batch 1;
+    ``context``: a cache of that many tokens per sequence (32 q / 8 kv heads, d=128)."""
+    n = 16 + 8064 + 255 if context is None else context
     cfg = MultipoleConfig(backend="triton")
-    parts: dict[str, list[float]] = {"append+update": [], "layout+attend": [], "attend": []}
+    parts: dict[str, list[float]] = {
+        "append+update": [], "layout": [], "layout+attend": [], "attend": []
+    }  # fmt: skip
 
     def timed(name, fn):
         torch.cuda.synchronize()
@@ -301,34 +305,38 @@ def profile_update(rows) -> None:
         torch.cuda.synchronize()
         parts[name].append((time.perf_counter() - t) * 1e3)
 
-    states = []
-    for seed in range(6):
+    def fresh(seed):
         gen = torch.Generator(device=DEVICE).manual_seed(seed)
-        k = torch.randn(1, 8, n + 64, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-        q = torch.randn(1, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-        state = MultipoleState.prefill(k, k, cfg, lengths=[n])  # room for the new token
+        k = torch.randn(batch, 8, n + 64, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        state = MultipoleState.prefill(k, k, cfg, lengths=[n] * batch)  # room for new tokens
         state.attend(q)
-        states.append((state, k, q))
+        # append up to the token before the update, so the next append updates
+        while state.appends_before_update() > 0:
+            state.append(k[:, :, n : n + 1], k[:, :, n : n + 1])
+        return state, k, q
+
+    for seed in range(4):
+        state, k, q = fresh(seed)
         new = k[:, :, n : n + 1]
         timed("append+update", lambda s=state, x=new: s.append(x, x))
+        timed("layout", lambda s=state: fused_mod.FusedLayout.build(s.index, n + 1, s.dtype))
         timed("layout+attend", lambda s=state, q=q: s.attend(q))
         timed("attend", lambda s=state, q=q: s.attend(q))
+        del state, k, q
     row = {name: statistics.median(v[1:]) for name, v in parts.items()}
-    print(f"update parts (ms, median of 5): {row}", flush=True)
+    row.update(context=n, batch=batch)
+    print(f"update parts (ms, median of 3): {row}", flush=True)
     rows.append(dict(kind="update_parts", **row))
-    gen = torch.Generator(device=DEVICE).manual_seed(9)
-    k = torch.randn(1, 8, n + 64, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    state = MultipoleState.prefill(k, k, cfg, lengths=[n])
-    q = torch.randn(1, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    state.attend(q)
+    state, k, q = fresh(9)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         state.append(k[:, :, n : n + 1], k[:, :, n : n + 1])
         state.attend(q)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     print(table)
-    rows.append(dict(kind="update_profile", table=table))
+    rows.append(dict(kind="update_profile", context=n, batch=batch, table=table))
 
 
 def main() -> None:
@@ -342,6 +350,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--pick", default=None, help="write the best tuning (JSON) here")
     parser.add_argument("--update", action="store_true", help="profile the online update")
+    parser.add_argument(
+        "--update-at",
+        default=None,
+        help="CONTEXT:BATCH,... profile the online update of caches of these sizes",
+    )
     args = parser.parse_args()
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     rows: list[dict] = []
@@ -357,6 +370,9 @@ def main() -> None:
                 setattr(km, name, value)
         if args.update:
             profile_update(rows)
+        for shape in args.update_at.split(",") if args.update_at else []:
+            context, batch = map(int, shape.split(":"))
+            profile_update(rows, context, batch)
         if args.kmeans:
             kmeans_checks(args, rows)
         if args.variants:

@@ -73,6 +73,8 @@ def test_synthetic_caches_repeat_and_have_cluster_structure():
     k2, v2 = decode.synthetic_kv(shape, 2, 700, 710, **kw)
     assert torch.equal(k, k2) and torch.equal(v, v2) and k.shape == (2, 2, 710, 16)
     assert k[:, :, 700:].abs().sum() == 0  # room for the decoded tokens
+    tk, tv = decode.synthetic_kv(shape, 2, 700, 710, **kw, token_major=True)
+    assert torch.equal(tk, k.transpose(1, 2)) and torch.equal(tv, v.transpose(1, 2))
 
     def close_keys(x):  # mean number of keys within cosine 0.8 of a key (itself included)
         unit = torch.nn.functional.normalize(x, dim=-1)
@@ -142,3 +144,36 @@ def test_plot_writes_a_png(tmp_path):
     meta = dict(arch="qwen3-8b", gpu=None, config=dict(token_budget=0.05))
     decode.plot(dict(meta=meta, rows=rows), str(tmp_path / "decode.png"))
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.gpu
+def test_whole_step_graphs_on_cuda_replay_both_methods(tmp_path):
+    """On CUDA (default ``--graphs step``) the check passes and both methods' steps replay as
+    whole-step graphs, the dense one through FlashAttention's variable-length entry."""
+    out = tmp_path / "decode.json"
+    args = ["bench", "decode", *TINY, "--steps", "40", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["check"]["passed"]
+    for r in report["rows"]:
+        g = r["graph_steps"]
+        assert g["replays"] >= 30 and g["captures"] >= 1, r
+        assert g["replays"] + g["captures"] + g["eager"] == 41, r
+
+
+def test_dense_layer_writes_each_row_at_its_length_and_attends_its_prefix(gen):
+    """The dense baseline's layer on the CPU: a step writes the token at each row's (device)
+    length and attention equals SDPA over the valid prefix."""
+    b, cap, h, d, n = 2, 12, 2, 8, 9
+    keys, values = (torch.randn(b, cap, h, d, generator=gen) for _ in range(2))
+    layer = decode.DenseLayer(keys.clone(), values.clone(), n)
+    new_k, new_v = (torch.randn(b, h, 1, d, generator=gen) for _ in range(2))
+    layer.update(new_k, new_v)
+    assert layer.get_seq_length() == n + 1 and layer.lengths.tolist() == [n + 1] * b
+    assert torch.equal(layer.buffers[0][:, n], new_k[:, :, 0])
+    assert torch.equal(layer.buffers[1][:, :n], values[:, :n])
+    q = torch.randn(b, 2 * h, 1, d, generator=gen)
+    out, _ = decode._dense_decode_attention(None, q, new_k, new_v, None, scaling=0.3)
+    k, v = (t[:, : n + 1].transpose(1, 2) for t in layer.buffers)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2))

@@ -13,6 +13,7 @@ import multipole  # noqa: E402
 import multipole.baselines  # noqa: E402
 import multipole.hf  # noqa: E402
 from multipole import MultipoleConfig  # noqa: E402
+from multipole.graphs import GraphedDecoder  # noqa: E402
 
 SMALL = MultipoleConfig(interval=32, block_size=128, sink_tokens=4, token_budget=48)
 FULL = dataclasses.replace(SMALL, token_budget=10**9)
@@ -318,3 +319,40 @@ def test_filling_a_cache_outside_a_forward_does_not_capture_the_next_one(gen):
         step = model(ids[:, 300:], past_key_values=dense).logits[:, -1]
     torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-4)
     assert all(layer.state is None for layer in filled.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("position_free", [False, True], ids=["cached-keys", "position-free"])
+def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
+    """GraphedDecoder: a tiny model's decode steps replayed as one CUDA graph give the logits,
+    lengths and stats of eager steps on a twin cache, across three online updates."""
+    model = tiny_model("qwen3", int(torch.randint(1000, (1,), generator=gen))).cuda()
+    cfg = dataclasses.replace(
+        SMALL, backend="triton", position_free_keys=position_free, lookup_position=64
+    )
+    ids = torch.randint(1, 128, (2, 300), generator=gen).cuda()
+    model.set_attn_implementation("multipole")
+    caches = [multipole.MultipoleCache(cfg, cuda_graphs=False) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            prompt_logits = model(ids, past_key_values=cache, use_cache=True).logits
+    graphed = GraphedDecoder(model, caches[0])
+    eager = GraphedDecoder(model, caches[1], enabled=False)
+    tokens = prompt_logits[:, -1].argmax(-1, keepdim=True)
+    steps = 3 * cfg.interval + 5
+    for i in range(steps):
+        positions = torch.full((2, 1), 300 + i, device="cuda")
+        ours = graphed(tokens, positions).clone()
+        ref = eager(tokens, positions)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        tokens = ref.argmax(-1, keepdim=True)
+    assert graphed.failure is None, graphed.failure
+    assert graphed.replays + graphed.captures + graphed.eager_steps == steps
+    assert graphed.replays > 2 * cfg.interval and graphed.captures >= 3
+    assert eager.replays == eager.captures == 0
+    for ours, ref in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert ours.state.seq_lens == ref.state.seq_lens == [300 + steps] * 2
+        assert ours.state.clustered_len == ref.state.clustered_len
+        assert ours.state._seq_lens_device.tolist() == ours.state.seq_lens
+        assert ours.state.stats() == ref.state.stats()
+        assert ours.get_seq_length() == ref.get_seq_length() == 300 + steps

@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -91,13 +93,7 @@ class GraphedStep:
         self.state = state
         self.replays = self.captures = self.eager_steps = 0
         self.failure: str | None = None
-        cls = type(state)
-        self._enabled = (
-            enabled
-            and isinstance(state, MultipoleState)
-            and state.device.type == "cuda"
-            and all(getattr(cls, m) is getattr(MultipoleState, m) for m in _STEP_METHODS)
-        )
+        self._enabled = enabled and graphable_state(state)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
         self._held: tuple = ()  # what the graph reads and writes, kept alive
@@ -164,47 +160,22 @@ class GraphedStep:
 
     # ------------------------------------------------------------------ internals
     def _fused_path(self, lookup_is_query: bool, keys: torch.Tensor) -> bool:
-        """Whether the state's attend runs the fused kernels without syncing (graphable)."""
-        state = self.state
-        try:
-            triton = state._backend(lookup_is_query) == "triton"
-        except (RuntimeError, ValueError):  # the eager step raises the state's own error
-            return False
-        return triton and not should_validate(state.config.validate, keys)
+        return fused_path(self.state, lookup_is_query, keys)
 
     def _count_free(self) -> None:
-        state = self.state
-        stores = (state._keys, state._values, state._cluster_keys, state.index.labels)
-        capacity = min(t.shape[2] for t in stores if t is not None)
-        self._free = min(state.appends_before_update(), capacity - max(state.seq_lens))
-        self._seq_lens = state.seq_lens
+        self._free = free_steps(self.state)
+        self._seq_lens = self.state.seq_lens
 
     def _key(self, inputs: tuple, scale: float | None) -> tuple:
-        """Everything a capture bakes in: objects by identity (kept alive by
-        :meth:`_identities` while a key is held, so an id cannot be reused), values by value."""
-        state = self.state
+        """Everything a capture bakes in (:func:`state_key`), and the inputs' layout."""
         return (
-            id(state._fused),
-            id(state._keys),
-            id(state._values),
-            id(state._cluster_keys),
-            id(state._seq_lens_device),
-            state.config,
-            tuple(state.clustered_len),
-            tuple(vars(fused.TUNING).values()),
+            *state_key(self.state),
             scale,
             *[None if t is None else (t.shape, t.dtype, t.device) for t in inputs],
         )
 
     def _identities(self) -> tuple:
-        state = self.state
-        return (
-            state._fused,
-            state._keys,
-            state._values,
-            state._cluster_keys,
-            state._seq_lens_device,
-        )
+        return state_identities(self.state)
 
     def _load(self, inputs: tuple) -> tuple:
         """The static input buffers, holding ``inputs`` (made again if their shapes change)."""
@@ -251,26 +222,17 @@ class GraphedStep:
         state = self.state
         keys, values, q, lookup_q, cluster_keys = self._load(inputs)
         saved = state.seq_lens, state._reads
-        device = state.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        stream = _CAPTURE_STREAMS.get(device)
-        if stream is None:
-            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
-        graph = torch.cuda.CUDAGraph()
+
+        def step() -> torch.Tensor:
+            state.append(keys, values, cluster_keys=cluster_keys)
+            return state.attend(q, lookup_q=lookup_q, scale=scale)
+
         try:
-            with torch.cuda.stream(stream):
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    state.append(keys, values, cluster_keys=cluster_keys)
-                    out = state.attend(q, lookup_q=lookup_q, scale=scale)
-                finally:
-                    graph.capture_end()
+            graph, out = capture(step, state.device, self._pool)
         except Exception as error:  # any failure: restore the host state, step eagerly
             state.seq_lens, state._reads = saved
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            with contextlib.suppress(Exception):  # a failed capture may leave it recording
-                torch._C._cuda_endAllocateToPool(index, self._pool)
             self._enabled = False
             self.failure = f"{type(error).__name__}: {error}"
             self.release()
@@ -282,13 +244,7 @@ class GraphedStep:
             )
             return None
         self._graph, self._graph_key, self._keeper = graph, key, None
-        layout = state._fused
-        self._held = (
-            self._identities(),
-            self._static,
-            () if layout is None else (*layout.scratch.values(), *layout.workspace.values()),
-            tuple(state._device_cache.values()),
-        )
+        self._held = (held_by_step(state), self._static)
         self._out, self._reads = out, state._reads
         self._warm_key, self._warm_held = None, ()
         # the capture ran the host side of the step (seq_lens moved on), this runs the device side
@@ -304,6 +260,279 @@ class GraphedStep:
             self._keeper = self._graph
             self._graph = self._graph_key = self._out = self._reads = None
             self._held = ()
+
+
+class GraphableLayer(Protocol):
+    """What :class:`GraphedDecoder` needs of each layer of a cache (``MultipoleLayer`` has it;
+    a layer without it keeps the whole step eager)."""
+
+    def graph_key(self) -> tuple[tuple, tuple] | None:
+        """What a capture of the layer's next one-token step bakes in (compared by value) and
+        the objects behind it (held while the key is); None: the step cannot be captured."""
+
+    def graph_free_steps(self) -> int:
+        """One-token steps the layer can take with the same captured work."""
+
+    def graph_snapshot(self) -> object:
+        """The layer's host state, for :meth:`graph_restore` after a failed capture."""
+
+    def graph_restore(self, snapshot: object) -> None: ...
+
+    def graph_captured(self) -> Callable[[], None]:
+        """Called right after a capture (which ran the step's host side once): returns what
+        every later replay must do on the host (lengths move on, read counts)."""
+
+
+class GraphedDecoder:
+    """A model's whole one-token decode step (embedding, every layer, the LM head) replayed as
+    one CUDA graph between online updates.
+
+    :class:`GraphedStep` graphs the attention of each layer; the rest of an eager transformers
+    step (norms, projections, RoPE, MLPs: tens of launches and about 1 ms of Python per layer
+    in a 36-layer model) still bounds a step by the host. This captures the whole forward
+    once and replays it, for decode loops written by hand (``model.generate`` drives its own
+    loop)::
+
+        decoder = GraphedDecoder(model, cache)            # cache: a prefilled MultipoleCache
+        logits = decoder(next_ids, position_ids)          # [B, vocab], both inputs [B, 1]
+
+    The same rules as :class:`GraphedStep`: a step is captured right after an eager step
+    with the same captured arguments on the same static input buffers, replayed while every
+    layer has steps left before an online update or a cache growth, and stepped eagerly (and
+    re-captured) otherwise. A replay returns the graph's static logits, overwritten by the
+    next replay. Between calls, change the cache only through this object; after anything
+    else (a prompt chunk, a reorder, a crop) call :meth:`release`. A layer that is not a
+    :class:`GraphableLayer` (a layer kept dense, a baseline method, the PyTorch backend) keeps
+    every step eager; so does a failed capture (:attr:`failure` says why).
+
+    Args:
+        model: a transformers causal LM whose attention the cache's layers serve.
+        cache: the model's cache, already holding the prompt.
+        enabled: False steps eagerly (for comparisons).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: Any, *, enabled: bool = True) -> None:
+        self.model, self.cache = model, cache
+        self.replays = self.captures = self.eager_steps = 0
+        self.failure: str | None = None
+        self._enabled = enabled
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._keeper: torch.cuda.CUDAGraph | None = None  # keeps the pool live (GraphedStep)
+        self._pool = None
+        self._graph_key: tuple | None = None
+        self._held: tuple = ()
+        self._out: torch.Tensor | None = None
+        self._replayed: list[Callable[[], None]] = []
+        self._free = 0
+        self._length = -1  # the cache's length after the last replay
+        self._warm_key: tuple | None = None
+        self._warm_held: tuple = ()
+        self._static: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``input_ids`` and ``position_ids`` ``[B, 1]``; returns the last
+        position's logits ``[B, vocab]`` (on a replay: the graph's static output)."""
+        inputs = (input_ids, position_ids)
+        if not self._enabled or not input_ids.is_cuda or torch.cuda.is_current_stream_capturing():
+            return self._forward(*inputs)
+        meta = self._meta(inputs)
+        if (
+            self._graph is not None
+            and self._free > 0
+            and meta == self._graph_key[0]
+            and self.cache.get_seq_length() == self._length
+        ):
+            torch._foreach_copy_(list(self._static), list(inputs))
+            self._graph.replay()
+            for replayed in self._replayed:
+                replayed()
+            self._free -= 1
+            self._length += 1
+            self.replays += 1
+            return self._out
+        self._release()
+        static = self._load(inputs)
+        key, held = self._key(meta)
+        if key is not None and key == self._warm_key and self._free_steps() > 0:
+            out = self._capture(static, key, held)
+            if out is not None:
+                return out
+        self._warm_key, self._warm_held = None, ()
+        out = self._forward(*static)
+        self.eager_steps += 1
+        self._warm_key, self._warm_held = self._key(meta)
+        return out
+
+    def release(self) -> None:
+        """Drop the graph, its memory pool and the static buffers (the next step is eager)."""
+        self._release()
+        self._keeper = self._pool = None
+        self._warm_key, self._warm_held = None, ()
+        self._static = None
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1]
+
+    @staticmethod
+    def _meta(inputs: tuple) -> tuple:
+        return tuple((t.shape, t.dtype, t.device) for t in inputs)
+
+    def _key(self, meta: tuple) -> tuple[tuple | None, tuple]:
+        keys, held = [meta], []
+        for layer in self.cache.layers:
+            graph_key = getattr(layer, "graph_key", None)
+            found = graph_key() if graph_key is not None else None
+            if found is None:
+                return None, ()
+            keys.append(found[0])
+            held.append(found[1])
+        return tuple(keys), tuple(held)
+
+    def _free_steps(self) -> int:
+        return min(layer.graph_free_steps() for layer in self.cache.layers)
+
+    def _load(self, inputs: tuple) -> tuple[torch.Tensor, ...]:
+        if self._static is None or self._meta(self._static) != self._meta(inputs):
+            self._warm_key, self._warm_held = None, ()
+            self._static = tuple(torch.empty_like(t) for t in inputs)
+        torch._foreach_copy_(list(self._static), list(inputs))
+        return self._static
+
+    def _capture(self, static: tuple, key: tuple, held: tuple) -> torch.Tensor | None:
+        """Capture this step and replay it once; None (host state restored, graphs off) if
+        the capture fails."""
+        layers = self.cache.layers
+        snapshots = [layer.graph_snapshot() for layer in layers]
+        free = self._free_steps()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            graph, out = capture(lambda: self._forward(*static), static[0].device, self._pool)
+        except Exception as error:  # any failure: restore the host state, step eagerly
+            for layer, snapshot in zip(layers, snapshots, strict=True):
+                layer.graph_restore(snapshot)
+            self._enabled = False
+            self.failure = f"{type(error).__name__}: {error}"
+            self.release()
+            warnings.warn(
+                f"GraphedDecoder: CUDA graph capture failed, stepping eagerly from now on "
+                f"({self.failure})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self._graph, self._graph_key, self._keeper = graph, key, None
+        self._held, self._out = (held, static), out
+        self._replayed = [layer.graph_captured() for layer in layers]
+        self._warm_key, self._warm_held = None, ()
+        graph.replay()  # the capture ran the host side of the step, this runs the device side
+        self._free = free - 1
+        self._length = self.cache.get_seq_length()
+        self.captures += 1
+        return out
+
+    def _release(self) -> None:
+        if self._graph is not None:
+            self._keeper = self._graph
+            self._graph = self._graph_key = self._out = None
+            self._held, self._replayed = (), []
+
+
+# ---------------------------------------------------------------------- what a capture needs
+def graphable_state(state: DecodeState) -> bool:
+    """Whether ``state``'s one-token step can be captured: a :class:`MultipoleState` on CUDA
+    that overrides none of the methods a step runs."""
+    cls = type(state)
+    return (
+        isinstance(state, MultipoleState)
+        and state.device.type == "cuda"
+        and all(getattr(cls, m) is getattr(MultipoleState, m) for m in _STEP_METHODS)
+    )
+
+
+def fused_path(state: MultipoleState, lookup_is_query: bool, keys: torch.Tensor) -> bool:
+    """Whether the state's attend runs the fused kernels without syncing (graphable)."""
+    try:
+        triton = state._backend(lookup_is_query) == "triton"
+    except (RuntimeError, ValueError):  # the eager step raises the state's own error
+        return False
+    return triton and not should_validate(state.config.validate, keys)
+
+
+def free_steps(state: MultipoleState) -> int:
+    """One-token steps the state can take with no online update and no cache growth."""
+    stores = (state._keys, state._values, state._cluster_keys, state.index.labels)
+    capacity = min(t.shape[2] for t in stores if t is not None)
+    return min(state.appends_before_update(), capacity - max(state.seq_lens))
+
+
+def state_identities(state: MultipoleState) -> tuple:
+    """The objects a captured step reads and writes through their addresses."""
+    return (
+        state._fused,
+        state._keys,
+        state._values,
+        state._cluster_keys,
+        state._seq_lens_device,
+    )
+
+
+def state_key(state: MultipoleState) -> tuple:
+    """Everything a captured step bakes in: objects by identity (hold
+    :func:`state_identities` while a key is kept, so that an id cannot be reused), values by
+    value."""
+    return (
+        *map(id, state_identities(state)),
+        state.config,
+        tuple(state.clustered_len),
+        tuple(vars(fused.TUNING).values()),
+    )
+
+
+def held_by_step(state: MultipoleState) -> tuple:
+    """What a captured step of ``state`` must keep alive: its identities, the kernel
+    layout's scratch and workspace, and the small device tensors it made."""
+    layout = state._fused
+    return (
+        state_identities(state),
+        () if layout is None else (*layout.scratch.values(), *layout.workspace.values()),
+        tuple(state._device_cache.values()),
+    )
+
+
+def capture(
+    fn: Callable[[], Any], device: torch.device, pool: tuple
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture ``fn()`` into a new graph using memory ``pool``; returns the graph and what
+    ``fn`` returned (nothing has run on the device yet). Capture runs on a side stream in
+    ``thread_local`` mode, without ``torch.cuda.graph``'s synchronisation, garbage collection
+    and cache flush; on failure the pool is closed again and the error raised."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+    except Exception:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with contextlib.suppress(Exception):  # a failed capture may leave it recording
+            torch._C._cuda_endAllocateToPool(index, pool)
+        raise
+    return graph, out
 
 
 def _plain(inputs: tuple, scale: object) -> bool:

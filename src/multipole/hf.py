@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -60,6 +61,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from . import graphs
 from .baselines import METHODS
 from .config import MultipoleConfig
 from .graphs import GraphedStep
@@ -230,6 +232,43 @@ class MultipoleLayer(DynamicLayer):
             return None
         delta = self.config.lookup_position + appended - self.state._seq_lens_device
         return self.rotary.rotate(query.unsqueeze(2), delta[:, None])[:, :, 0]
+
+    # ------------------------------------------------------------------ whole-step graphs
+    def graph_key(self) -> tuple[tuple, tuple] | None:
+        """:class:`multipole.graphs.GraphableLayer`: a decoding Multipole state on the fused
+        kernels, with no token or chunk waiting."""
+        state = self.state
+        if (
+            state is None
+            or self._pending is not None
+            or self._token is not None
+            or not graphs.graphable_state(state)
+            or not graphs.fused_path(state, self.rotary is None, state._keys)
+        ):
+            return None
+        return (*graphs.state_key(state), self.rotary is None), graphs.held_by_step(state)
+
+    def graph_free_steps(self) -> int:
+        return graphs.free_steps(self.state)
+
+    def graph_snapshot(self) -> object:
+        state = self.state
+        return (self._length, self._attended, self._token, self._returned,
+                state.seq_lens, state._reads)  # fmt: skip
+
+    def graph_restore(self, snapshot: object) -> None:
+        (self._length, self._attended, self._token, self._returned,
+         self.state.seq_lens, self.state._reads) = snapshot  # fmt: skip
+
+    def graph_captured(self) -> Callable[[], None]:
+        state, reads = self.state, self.state._reads
+
+        def replayed() -> None:
+            self._length += 1
+            state.seq_lens = [n + 1 for n in state.seq_lens]
+            state._reads = reads
+
+        return replayed
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``i`` takes the cache of beam ``beam_idx[i]``."""

@@ -10,12 +10,16 @@ after warm-up steps; both methods run in the same process, one after the other, 
 ratio compares like with like. Before timing, a Multipole cache whose budget covers the whole
 context must give dense's first-step logits (bf16 tolerance).
 
-The dense cache is preallocated: a step writes its token in place and attention reads the
-valid prefix, with no mask, and SDPA runs on its flash backend with GQA. (transformers'
-``StaticCache`` would attend over its whole buffer through a mask, which sends SDPA to a slower
-kernel or repeats the KV heads.) Both methods run eagerly, except that each Multipole layer
-replays its decode step (token write and attention) as a CUDA graph between online updates
-(``--eager`` turns that off); no torch.compile.
+The dense cache is preallocated and token-major: a step writes its token at each row's
+length (kept on the device) and FlashAttention-2, the kernel of SDPA's flash backend, reads each
+row's used prefix through its variable-length entry point, with GQA and no mask.
+(transformers' ``StaticCache`` would attend over its whole buffer through a mask, which sends
+SDPA to a slower kernel or repeats the KV heads.) With fixed shapes and lengths on the device,
+both methods replay the whole decode step (every layer and the LM head) as one CUDA graph
+between online updates (:class:`multipole.graphs.GraphedDecoder`): an eager transformers step
+costs about 1 ms of Python per layer, which would hide the attention at every batch size.
+``--graphs layer`` graphs only each Multipole layer's attention step (dense eager),
+``--graphs none`` runs both eagerly; no torch.compile.
 
 Long contexts with large batches do not fit at full depth: by default each (context, batch)
 runs the largest number of layers whose weights, caches and clustering workspace fit in 85% of
@@ -53,6 +57,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import MultipoleConfig
 from ..generate import parse_budget, sync, versions
+from ..graphs import GraphedDecoder
 from ..hf import MultipoleCache, MultipoleLayer
 from ..state import MultipoleState
 
@@ -61,7 +66,15 @@ MEMORY_FRACTION = 0.85  # of the free GPU memory, for weights, caches and worksp
 DIRECTIONS = 256  # synthetic keys: directions per KV head
 NOISE = 0.3  # synthetic keys: noise norm relative to the direction's
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+CHECK_LAYERS = 2  # decoder layers of the check
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GRAPH_MODES = {  # --graphs: how the steps run
+    "step": "both methods replay the whole decode step (every layer, the LM head) as one CUDA "
+    "graph between online updates (multipole.graphs.GraphedDecoder)",
+    "layer": "dense eager; multipole eager except each layer's decode step (token write and "
+    "attention), replayed as a CUDA graph between online updates",
+    "none": "eager for both methods",
+}
 
 
 # ---------------------------------------------------------------------------- architectures
@@ -133,7 +146,7 @@ class Settings:
     dtype: torch.dtype
     device: str
     seed: int
-    cuda_graphs: bool = True  # Multipole layers replay their decode step as a CUDA graph
+    graphs: str = "step"  # CUDA graphs: "step" (whole step), "layer" (multipole only), "none"
 
     def capacity(self, context: int) -> int:
         return context + self.warmup + self.steps + 1
@@ -214,10 +227,12 @@ def synthetic_kv(
     dtype: torch.dtype,
     device: str,
     seed: int,
+    token_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[B, H_kv, capacity, D]`` of one layer, the first ``context`` tokens
-    filled (the rest zero): each key near one of ``DIRECTIONS`` directions of its head, each
-    value near a vector tied to that direction. Same ``seed``, same tensors."""
+    """Keys and values ``[B, H_kv, capacity, D]`` of one layer (``token_major``: laid out as
+    ``[B, capacity, H_kv, D]``), the first ``context`` tokens filled (the rest zero): each key
+    near one of ``DIRECTIONS`` directions of its head, each value near a vector tied to that
+    direction. Same ``seed``, same numbers in either layout."""
     gen = torch.Generator(device=device).manual_seed(seed)
     h, d = shape.num_kv_heads, shape.head_dim
 
@@ -226,56 +241,109 @@ def synthetic_kv(
 
     directions = F.normalize(randn(h, DIRECTIONS, d).float(), dim=-1).to(dtype) * math.sqrt(d)
     value_centers = randn(h, DIRECTIONS, d)
-    keys = torch.zeros(batch, h, capacity, d, dtype=dtype, device=device)
+    size = (batch, capacity, h, d) if token_major else (batch, h, capacity, d)
+    keys = torch.zeros(size, dtype=dtype, device=device)
     values = torch.zeros_like(keys)
     heads = torch.arange(h, device=device)[:, None]
     for b in range(batch):  # one sequence at a time bounds the temporaries
         which = torch.randint(DIRECTIONS, (h, context), generator=gen, device=device)
-        keys[b, :, :context] = directions[heads, which].add_(randn(h, context, d), alpha=NOISE)
-        values[b, :, :context] = value_centers[heads, which].add_(randn(h, context, d))
+        k = directions[heads, which].add_(randn(h, context, d), alpha=NOISE)
+        v = value_centers[heads, which].add_(randn(h, context, d))
+        if token_major:
+            keys[b, :context], values[b, :context] = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            keys[b, :, :context], values[b, :, :context] = k, v
     return keys, values
 
 
-class PreallocatedLayer(DynamicLayer):
-    """Dense keys and values in buffers allocated once: a step writes its tokens in place and
-    attention reads the valid prefix (no copy of the cache, no mask)."""
+class DenseLayer(DynamicLayer):
+    """The dense baseline's cache of one layer: keys and values ``[B, capacity, H_kv, D]``
+    (token-major: the batch packs into FlashAttention's variable-length layout) allocated
+    once. A step writes its token at each row's length, read on the device, and attention
+    reads each row's used prefix (:func:`_dense_decode_attention`): the shapes never change,
+    so the step can be captured in a CUDA graph (the layer is a
+    :class:`multipole.graphs.GraphableLayer`)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         super().__init__()
         self.buffers = (keys, values)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
-        self._set_length(length)
+        batch, self.capacity = keys.shape[:2]
+        self.length = length  # host copy of the (equal) row lengths
+        self.lengths = torch.full((batch,), length, dtype=torch.int32, device=keys.device)
+        offsets = torch.arange(batch + 1, dtype=torch.int32, device=keys.device)
+        self.cum_q, self.cum_k = offsets, offsets * self.capacity
+        self.row_starts = self.cum_k[:-1].long()
 
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys, self.values = (t[:, :, :length] for t in self.buffers)
+    def get_seq_length(self) -> int:
+        return self.length
 
     def update(self, key_states, value_states, *args, **kwargs):
-        start, end = self.length, self.length + key_states.shape[-2]
-        capacity = self.buffers[0].shape[2]
-        if end > capacity:
-            raise RuntimeError(f"dense cache: {end} tokens, capacity {capacity}")
-        self.buffers[0][:, :, start:end] = key_states
-        self.buffers[1][:, :, start:end] = value_states
-        self._set_length(end)
-        return self.keys, self.values
+        if key_states.shape[-2] != 1 or self.length >= self.capacity:
+            raise RuntimeError(
+                f"bench decode: the dense cache takes one-token steps up to {self.capacity} "
+                f"tokens; got {key_states.shape[-2]} tokens at length {self.length}"
+            )
+        slots = self.row_starts + self.lengths
+        for buffer, new in zip(self.buffers, (key_states, value_states), strict=True):
+            buffer.view(-1, *buffer.shape[2:]).index_copy_(0, slots, new[:, :, 0])
+        self.lengths += 1
+        self.length += 1
+        _ACTIVE_DENSE.set(self)
+        return key_states, value_states
+
+    # multipole.graphs.GraphableLayer
+    def graph_key(self) -> tuple[tuple, tuple]:
+        return (id(self.buffers[0]), id(self.lengths)), (self.buffers, self.lengths)
+
+    def graph_free_steps(self) -> int:
+        return self.capacity - self.length
+
+    def graph_snapshot(self) -> object:
+        return self.length
+
+    def graph_restore(self, snapshot: object) -> None:
+        self.length = snapshot
+
+    def graph_captured(self) -> Callable[[], None]:
+        def replayed() -> None:
+            self.length += 1
+
+        return replayed
 
 
 DENSE_ATTENTION = "multipole_bench_dense"
+_ACTIVE_DENSE: contextvars.ContextVar[DenseLayer | None] = contextvars.ContextVar(
+    "multipole_bench_dense_layer", default=None
+)
 
 
 def _dense_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The dense baseline's decode attention: PyTorch SDPA with native GQA and no mask, on
-    the flash backend. (PyTorch prefers cuDNN on Hopper, whose plan is rebuilt for every new
-    KV length: about 13 ms of host time per call at 128K, batch 16, measured with
-    ``benchmarks/profile_decode.py``; flash has no such cost.)"""
-    if query.shape[2] != 1 or attention_mask is not None:
+    """The dense baseline's decode attention: FlashAttention-2 (the kernel of PyTorch SDPA's
+    flash backend) through its variable-length entry point, with native GQA, no mask, and
+    each row's used length read on the device (``seqused_k``), so that a CUDA graph can hold
+    it. Measured on the H200 as fast as SDPA on the same prefix (within 5% either way, 32K and
+    128K, batch 1-16: ``benchmarks/probe_dense_graph.py``). Off CUDA: SDPA's math backend."""
+    layer = _ACTIVE_DENSE.get()
+    _ACTIVE_DENSE.set(None)
+    if query.shape[2] != 1 or attention_mask is not None or layer is None:
         raise RuntimeError("bench decode: the dense baseline runs one-token steps without mask")
-    backends = [SDPBackend.FLASH_ATTENTION] if query.is_cuda else [SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2), None
+    q = query[:, :, 0]  # [B, Hq, D]
+    if not q.is_cuda:
+        n = layer.length
+        k, v = (t[:, :n].transpose(1, 2) for t in layer.buffers)
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)[
+                :, :, 0
+            ]
+    else:
+        packed = [t.view(-1, *t.shape[2:]) for t in layer.buffers]
+        out = torch.ops.aten._flash_attention_forward(
+            q, *packed, layer.cum_q, layer.cum_k, 1, layer.capacity, 0.0, False, False,
+            scale=scaling, seqused_k=layer.lengths,
+        )[0]  # fmt: skip
+    return out.unsqueeze(1), None
 
 
 AttentionInterface.register(DENSE_ATTENTION, _dense_decode_attention)
@@ -296,8 +364,8 @@ def warm_up_kernels(s: Settings, num_q_heads: int, context: int = 4096) -> None:
 
 
 def dense_cache(layers_kv: list[tuple[torch.Tensor, torch.Tensor]], context: int) -> Cache:
-    """A dense cache over preallocated buffers holding ``context`` tokens per layer."""
-    return Cache(layers=[PreallocatedLayer(k, v, context) for k, v in layers_kv])
+    """A dense cache over token-major buffers holding ``context`` tokens per layer."""
+    return Cache(layers=[DenseLayer(k, v, context) for k, v in layers_kv])
 
 
 def multipole_cache(
@@ -306,11 +374,12 @@ def multipole_cache(
     layers: int,
     context: int,
     device: str,
-    cuda_graphs: bool = True,
+    layer_graphs: bool = True,
 ) -> tuple[Cache, float]:
     """A MultipoleCache whose layer ``i`` holds ``make_kv(i)`` (``context`` valid tokens),
-    clustered now; returns the cache and the clustering time in ms (all layers)."""
-    cache = MultipoleCache(config, cuda_graphs=cuda_graphs)
+    clustered now; returns the cache and the clustering time in ms (all layers).
+    ``layer_graphs``: each layer replays its own decode step as a CUDA graph."""
+    cache = MultipoleCache(config, cuda_graphs=layer_graphs)
     clustering_ms = 0.0
     for i in range(layers):
         keys, values = make_kv(i)
@@ -321,7 +390,7 @@ def multipole_cache(
         sync(device)
         clustering_ms += (time.perf_counter() - start) * 1e3
         del keys, values
-        layer = MultipoleLayer(config, cuda_graphs=cuda_graphs)
+        layer = MultipoleLayer(config, cuda_graphs=layer_graphs)
         layer.state, layer._length = state, context  # as if the prompt had run
         cache.layers.append(layer)
     return cache, clustering_ms
@@ -335,6 +404,7 @@ class Decoded:
     step_ms: list[float]
     first_logits: torch.Tensor
     update_steps: list[int]
+    graph_steps: dict[str, int]  # how the steps ran: replays, captures, eager steps
 
 
 def decode(
@@ -345,9 +415,12 @@ def decode(
     *,
     steps: int,
     warmup: int,
+    whole_step_graph: bool = True,
 ) -> Decoded:
     """Greedy decode ``warmup + steps`` tokens of a batch whose caches hold ``context``
-    tokens, feeding back the argmax; times the last ``steps`` (CUDA events on a GPU)."""
+    tokens, feeding back the argmax; times the last ``steps`` (CUDA events on a GPU). Each
+    step runs through a :class:`~multipole.graphs.GraphedDecoder` (one CUDA graph per step
+    between online updates; eager if ``whole_step_graph`` is False or off CUDA)."""
     device = first_ids.device
     cuda = device.type == "cuda"
     total = warmup + steps
@@ -358,20 +431,14 @@ def decode(
     events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * total)] if cuda else []
     wall: list[float] = []
     ids, first_logits, updates = first_ids, None, []
+    step = GraphedDecoder(model, cache, enabled=whole_step_graph)
     with torch.no_grad():
         for i in range(total):
             before = clustered()
             start = time.perf_counter()
             if cuda:
                 events[2 * i].record()
-            out = model(
-                input_ids=ids,
-                position_ids=positions[i : i + 1].expand(batch, 1),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = out.logits[:, -1]
+            logits = step(ids, positions[i : i + 1].expand(batch, 1))
             ids = logits.argmax(-1, keepdim=True)
             if cuda:
                 events[2 * i + 1].record()
@@ -384,7 +451,11 @@ def decode(
     if cuda:
         torch.cuda.synchronize(device)
         wall = [events[2 * i].elapsed_time(events[2 * i + 1]) for i in range(total)]
-    return Decoded(wall[warmup:], first_logits, updates)
+    graph_steps = dict(replays=step.replays, captures=step.captures, eager=step.eager_steps)
+    step.release()
+    if step.failure is not None:
+        raise RuntimeError(f"bench decode: the whole-step CUDA graph failed: {step.failure}")
+    return Decoded(wall[warmup:], first_logits, updates, graph_steps)
 
 
 # ---------------------------------------------------------------------------- one configuration
@@ -400,11 +471,12 @@ def run_method(
     """Fill one method's caches for (context, batch), decode, free; return its row."""
     capacity = s.capacity(context)
 
-    def make_kv(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = s.seed * 1_000_003 + layer  # the same tensors for every method
+    def make_kv(layer: int, token_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = s.seed * 1_000_003 + layer  # the same numbers for every method
         return synthetic_kv(
-            s.shape, batch, context, capacity, dtype=s.dtype, device=s.device, seed=seed
-        )
+            s.shape, batch, context, capacity, dtype=s.dtype, device=s.device, seed=seed,
+            token_major=token_major,
+        )  # fmt: skip
 
     gen = torch.Generator(device=s.device).manual_seed(s.seed)
     vocab = model.config.vocab_size
@@ -418,13 +490,16 @@ def run_method(
         clustering_ms = None
         if method == "dense":
             model.set_attn_implementation(DENSE_ATTENTION)
-            cache = dense_cache([make_kv(i) for i in range(layers)], context)
+            cache = dense_cache([make_kv(i, token_major=True) for i in range(layers)], context)
         else:
             model.set_attn_implementation("multipole")
             cache, clustering_ms = multipole_cache(
-                cfg, make_kv, layers, context, s.device, s.cuda_graphs
+                cfg, make_kv, layers, context, s.device, layer_graphs=s.graphs == "layer"
             )
-        result = decode(model, cache, first_ids, context, steps=s.steps, warmup=s.warmup)
+        result = decode(
+            model, cache, first_ids, context, steps=s.steps, warmup=s.warmup,
+            whole_step_graph=s.graphs == "step",
+        )  # fmt: skip
         return (
             result,
             clustering_ms,
@@ -458,13 +533,17 @@ def run_method(
         read_fraction=fraction,
         online_updates=len(updates),
         update_step_ms=statistics.fmean(updates) if updates else None,
+        graph_steps=result.graph_steps,
         peak_memory_gb=torch.cuda.max_memory_allocated(s.device) / 1e9 if cuda else None,
     )
     return row, result
 
 
 def check(model: PreTrainedModel, s: Settings, context: int, batch: int, layers: int) -> dict:
-    """First-step logits of a Multipole cache whose budget covers the context against dense."""
+    """First-step logits of a Multipole cache whose budget covers the context against dense,
+    through ``layers`` decoder layers (few: rounding differences grow with the depth of a
+    random-weight model, to about the bf16 tolerance at 36 layers, while caches that differ
+    give errors of order 1)."""
     one_step = dataclasses.replace(s, steps=1, warmup=0)
     _, dense = run_method("dense", model, one_step, context, batch, layers)
     full = dataclasses.replace(s.config, token_budget=context)
@@ -563,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dtype,
         device,
         args.seed,
-        cuda_graphs=not args.eager,
+        graphs=args.graphs,
     )
     free, workspace = None, ASSUMED_WORKSPACE
     if cuda:
@@ -586,17 +665,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         free_memory_gb=None if free is None else free / 1e9,
         memory_fraction=MEMORY_FRACTION,
         clustering_workspace=dataclasses.asdict(workspace),
-        execution=(
-            "dense eager; multipole eager except each layer's decode step (token write and "
-            "attention), replayed as a CUDA graph between online updates"
-            if s.cuda_graphs
-            else "eager for both methods"
-        )
-        + " (no whole-step CUDA graph, no torch.compile); every kernel "
-        "compiled before timing (a warm-up that crosses an online update)",
-        dense_cache="preallocated, valid prefix; attention: F.scaled_dot_product_attention "
-        "with enable_gqa=True and no mask on the flash backend (not cuDNN, which re-plans at "
-        "every new KV length), whatever transformers would do",
+        execution=GRAPH_MODES[s.graphs]
+        + " (no torch.compile); every kernel compiled before timing (a warm-up that crosses "
+        "an online update)",
+        dense_cache="token-major buffers allocated once, the token written at each row's "
+        "length on the device; attention: FlashAttention-2 (the kernel of SDPA's flash "
+        "backend) through torch.ops.aten._flash_attention_forward with seqused_k, native GQA, "
+        "no mask, whatever transformers would do",
         note="a truncated model keeps the full embedding and LM head: its speed-up "
         "understates the full model's",
         versions=versions(),
@@ -693,7 +768,8 @@ def run(
         warm_up_kernels(s, arch["num_attention_heads"])
     for (context, batch), layers in plan.items():
         if "check" not in meta:
-            meta["check"] = c = check(model_with(layers), s, context, batch, layers)
+            depth = min(layers, CHECK_LAYERS)
+            meta["check"] = c = check(model_with(depth), s, context, batch, depth)
             bar.update(1)
             _say(
                 bar,
@@ -760,9 +836,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--layers", type=int, default=None, help="decoder layers (default: the most that fit)"
     )
     p.add_argument(
-        "--eager",
-        action="store_true",
-        help="no CUDA graphs for the Multipole decode step (default: graphed between updates)",
+        "--graphs",
+        choices=list(GRAPH_MODES),
+        default="step",
+        help="CUDA graphs: the whole decode step for both methods (default), each Multipole "
+        "layer's attention step only, or none",
     )
     p.add_argument(
         "--steps", type=int, default=64, help="timed decode steps (default: %(default)s)"
