@@ -114,8 +114,12 @@ class FusedLayout:
     def build(cls, index: ClusterIndex, num_tokens: int, dtype: torch.dtype) -> FusedLayout:
         level = index.level0
         labels = index.labels[:, :, :num_tokens]
-        outside = torch.iinfo(labels.dtype).max
-        order = torch.sort(labels.masked_fill(labels < 0, outside), dim=-1, stable=True).indices
+        # the narrowest sort key that holds every cluster id and "outside" (after them): a
+        # radix sort's passes scale with the key's bytes
+        clusters = level.sizes.shape[-1]
+        key_dtype = torch.int16 if clusters < torch.iinfo(torch.int16).max else torch.int32
+        keys = labels.to(key_dtype).masked_fill(labels < 0, torch.iinfo(key_dtype).max)
+        order = torch.sort(keys, dim=-1, stable=True).indices
         sizes = level.sizes.to(torch.int32)
         return cls(
             key_centroids=level.key_centroids.to(dtype).contiguous(),

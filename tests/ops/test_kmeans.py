@@ -184,6 +184,31 @@ def test_kernel_reseeds_empty_clusters_and_means_of_values(gen, kernel_device):
     torch.testing.assert_close(vm, torch.where(counts[..., None] > 0, means, 0.0))
 
 
+def test_kernel_member_means_over_several_cluster_tiles(gen, kernel_device):
+    """Means and sizes with clusters over three tiles of the accumulation, uneven tiles (one
+    empty for a group: its clusters get 0), padding points and several point splits."""
+    from multipole.ops.kmeans import kernel as km
+
+    device, g, n, d, k = kernel_device, 2, 700, 16, 2 * km.BLOCK_K + 44
+    x = torch.randn(g, n, d, generator=gen)
+    npts = torch.tensor([700, 611])
+    skewed = torch.randint(km.BLOCK_K, (g, n), generator=gen)  # tile 0 holds most points
+    labels = torch.where(
+        torch.rand(g, n, generator=gen) < 0.7, skewed, torch.randint(k, (g, n), generator=gen)
+    )
+    labels[1] = labels[1] % (2 * km.BLOCK_K)  # group 1: the last tile is empty
+    labels = torch.where(torch.arange(n) < npts[:, None], labels, -1).to(torch.int32)
+    pts = km.Points(x.to(device), (torch.arange(g) * n * d).to(device), npts.to(device), n)
+    kc = torch.full((g,), k, dtype=torch.int32, device=device)
+    got = km.member_means(pts, labels.to(device), kc, k).cpu()
+    w = (torch.arange(n) < npts[:, None]).float()
+    means, counts = cluster_means(x, labels.long(), w, k)
+    tiles = counts.view(g, -1).split(km.BLOCK_K, dim=1)
+    assert [int(t[0].sum() > 0) for t in tiles] == [1, 1, 1]  # group 0: every tile has members
+    assert (counts[1, 2 * km.BLOCK_K :] == 0).all() and (counts == 0).any()
+    torch.testing.assert_close(got, torch.where(counts[..., None] > 0, means, 0.0))
+
+
 def test_kernel_priority_is_hash_uniform(kernel_device):
     from multipole.ops.kmeans import kernel as km
 

@@ -7,7 +7,8 @@ cache (``X + base[g] + i * D``, no gathered copy):
 - ``_assign_kernel``: nearest active centroid of every point (``argmin ||c||^2 - 2 x.c``, ties
   to the lower index) and its squared distance, one program per tile of points;
 - ``_accumulate_kernel``: per-cluster sums and counts as a one-hot matrix product (exact 0/1
-  weights, fp32 accumulation), split over programs by clusters and points; the last point-split
+  weights, fp32 accumulation), split over programs by cluster tiles and points, each program
+  reading only its tile's members (the points sorted by label first); the last point-split
   of a cluster tile divides and writes the means (empty clusters keep a given centroid or get
   0) and the sizes, to any ``[base[g] + k * D]`` destination (the index's own storage too);
 - re-seeding (in the accumulation's last program of a group): every empty active cluster moves
@@ -128,9 +129,10 @@ def _accumulate_kernel(
     OUT_Y_BASE,
     SQD,
     GROUP_SEMAPHORE,
+    ORDER,
+    TILE_START,
     max_points,
     max_clusters,
-    points_per_split,
     num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -142,13 +144,17 @@ def _accumulate_kernel(
     RESEED: tl.constexpr,
 ):
     """Member means of clusters ``kt * BLOCK_K ..`` of group ``g`` over points split ``sp``.
-    Grid: (G, cluster tiles, point splits). The last split of a tile writes the means to
-    ``OUT[out_base[g] + k * D]`` (empty clusters: the centroid at ``OLD[old_base[g] + k * D]``
-    if ``KEEP_OLD``, else 0) and the sizes to ``SIZES[size_base[g] + k]``; with ``WITH_Y`` also
-    the means of a second point set ``Y`` (e.g. the values) under the same labels, to ``OUT_Y``
-    (0 when empty). With ``RESEED`` the last tile of a group to finish moves its empty
-    clusters onto far points (``_reseed_group``; ``OUT`` and ``SIZES`` must then be the
-    working ``[G, K, D]`` / ``[G, K]`` buffers)."""
+    Grid: (G, cluster tiles, point splits). ``ORDER [G, max_points]`` lists each group's
+    points sorted by label and ``TILE_START [G, tiles + 1]`` where each cluster tile's
+    members start in it, so a program reads only its tile's points (split ``sp`` of them).
+
+    The last split of a tile writes the means to ``OUT[out_base[g] + k * D]`` (empty
+    clusters: the centroid at ``OLD[old_base[g] + k * D]`` if ``KEEP_OLD``, else 0) and the
+    sizes to ``SIZES[size_base[g] + k]``; with ``WITH_Y`` also the means of a second point
+    set ``Y`` (e.g. the values) under the same labels, to ``OUT_Y`` (0 when empty). With
+    ``RESEED`` the last tile of a group to finish moves its empty clusters onto far points
+    (``_reseed_group``; ``OUT`` and ``SIZES`` must then be the working ``[G, K, D]`` /
+    ``[G, K]`` buffers)."""
     g = tl.program_id(0).to(tl.int64)
     kt = tl.program_id(1)
     sp = tl.program_id(2)
@@ -166,11 +172,15 @@ def _accumulate_kernel(
         cnt = tl.zeros([BLOCK_K], tl.float32)
         if WITH_Y:
             base_y = tl.load(Y_BASE + g)
-        start = sp * points_per_split
-        end = tl.minimum(start + points_per_split, n_g)
+        tiles = tl.num_programs(1)
+        tile_lo = tl.load(TILE_START + g * (tiles + 1) + kt)
+        tile_hi = tl.load(TILE_START + g * (tiles + 1) + kt + 1)
+        per_split = tl.cdiv(tl.cdiv(tile_hi - tile_lo, num_splits), BLOCK_N) * BLOCK_N
+        start = tile_lo + sp * per_split
+        end = tl.minimum(start + per_split, tile_hi)
         for n0 in range(start, end, BLOCK_N):
-            ns = n0 + offs_n
-            mask_n = ns < end
+            mask_n = n0 + offs_n < end
+            ns = tl.load(ORDER + g * max_points + n0 + offs_n, mask=mask_n, other=0)
             lab = tl.load(LABELS + g * max_points + ns, mask=mask_n, other=-1)
             onehot = lab[None, :] == ks[:, None]  # [BLOCK_K, BLOCK_N]
             mask_nd = mask_n[:, None] & mask_d[None, :]
@@ -486,15 +496,25 @@ def assign(points: Points, centroids: torch.Tensor, num_clusters: torch.Tensor, 
     return labels, sqd
 
 
+def _by_tile(labels: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's points sorted by label (stable; unlabeled points, -1, first) ``[G, n]``
+    and where the members of each tile of ``BLOCK_K`` clusters start ``[G, tiles + 1]``
+    (``bounds``: the tiles' first labels, ``[G, tiles + 1]``): the accumulation then reads
+    every point once instead of once per tile. Three launches (a 16-bit sort key when the
+    labels fit)."""
+    keys = labels.to(bounds.dtype)
+    keys, order = torch.sort(keys, dim=-1, stable=True)
+    return order, torch.searchsorted(keys, bounds)
+
+
 class _Accumulator:
     """Scratch of the accumulation for one k-means call (partials and semaphores)."""
 
     def __init__(self, points: Points, max_clusters: int, with_y: bool = False):
         g, dev = points.groups, points.store.device
         self.tiles = triton.cdiv(max_clusters, BLOCK_K)
-        self.splits = _splits(g, self.tiles, points.max_points, dev)
-        self.per_split = triton.cdiv(triton.cdiv(points.max_points, self.splits), BLOCK_N) * BLOCK_N
-        self.splits = max(1, triton.cdiv(points.max_points, self.per_split))
+        # a tile's members: about max_points / tiles points
+        self.splits = _splits(g, self.tiles, triton.cdiv(points.max_points, self.tiles), dev)
         s = self.splits if self.splits > 1 else 0
         part = g * s * max_clusters * points.dim
         self.psum = torch.empty(part * (2 if with_y else 1), dtype=torch.float32, device=dev)
@@ -504,6 +524,10 @@ class _Accumulator:
         self.group_semaphore = self.semaphore[g * self.tiles :]
         self.part = part
         self.max_clusters = max_clusters
+        top = self.tiles * BLOCK_K
+        key_dtype = torch.int16 if top <= torch.iinfo(torch.int16).max else torch.int32
+        bounds = torch.arange(0, top + 1, BLOCK_K, dtype=key_dtype, device=dev)
+        self.bounds = bounds.expand(g, -1).contiguous()  # first label of each tile
 
     def means(
         self,
@@ -518,6 +542,7 @@ class _Accumulator:
     ) -> None:
         d = points.dim
         y_points, y_out, y_base = y if y is not None else (points, out[0], out[1])
+        order, tile_start = _by_tile(labels, self.bounds)
         _accumulate_kernel[(points.groups, self.tiles, self.splits)](
             points.store,
             points.base,
@@ -537,9 +562,10 @@ class _Accumulator:
             y_base,
             reseed_sqd if reseed_sqd is not None else self.pcnt,
             self.group_semaphore,
+            order,
+            tile_start,
             points.max_points,
             self.max_clusters,
-            self.per_split,
             self.splits,
             HEAD_DIM=d,
             BLOCK_N=BLOCK_N,
