@@ -349,14 +349,18 @@ def _dense_decode_attention(module, query, key, value, attention_mask, scaling=N
 AttentionInterface.register(DENSE_ATTENTION, _dense_decode_attention)
 
 
-def warm_up_kernels(s: Settings, num_q_heads: int, context: int = 4096) -> None:
-    """Compile every kernel a timed step or online update runs (Triton compiles on first
-    use), on a small cache with the benchmark's heads, head dim and dtype."""
+def warm_up_kernels(s: Settings, num_q_heads: int, context: int) -> None:
+    """Compile every kernel a timed step or online update at ``context`` tokens runs, on a
+    one-layer cache of that length with the benchmark's heads, head dim and dtype (Triton
+    compiles on first use, and again for sizes it specialises differently: a first update at
+    a new context took about 1 s for 36 layers on the H200 without this)."""
     dim = s.shape.head_dim
+    capacity = s.capacity(context)
     keys, values = synthetic_kv(
-        s.shape, 1, context, context, dtype=s.dtype, device=s.device, seed=1
+        s.shape, 1, context, capacity, dtype=s.dtype, device=s.device, seed=1
     )
-    state = MultipoleState.prefill(keys, values, s.config)
+    lengths = torch.full((1,), context, dtype=torch.int64, device=keys.device)
+    state = MultipoleState.prefill(keys, values, s.config, lengths=lengths)
     for _ in range(2 * s.config.interval + 1):  # crosses at least one online update
         state.append(*(t[:, :, :1] for t in (keys, values)))
         state.attend(torch.randn(1, num_q_heads, dim, device=s.device, dtype=s.dtype))
@@ -666,8 +670,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         memory_fraction=MEMORY_FRACTION,
         clustering_workspace=dataclasses.asdict(workspace),
         execution=GRAPH_MODES[s.graphs]
-        + " (no torch.compile); every kernel compiled before timing (a warm-up that crosses "
-        "an online update)",
+        + " (no torch.compile); every kernel compiled before timing (a one-layer warm-up at "
+        "each context that crosses an online update)",
         dense_cache="token-major buffers allocated once, the token written at each row's "
         "length on the device; attention: FlashAttention-2 (the kernel of SDPA's flash "
         "backend) through torch.ops.aten._flash_attention_forward with seqused_k, native GQA, "
@@ -764,9 +768,11 @@ def run(
             models[layers] = build_model(arch, layers, dtype=s.dtype, device=s.device, seed=s.seed)
         return models[layers]
 
-    if torch.device(s.device).type == "cuda":
-        warm_up_kernels(s, arch["num_attention_heads"])
+    warmed: set[int] = set()
     for (context, batch), layers in plan.items():
+        if torch.device(s.device).type == "cuda" and context not in warmed:
+            warm_up_kernels(s, arch["num_attention_heads"], context)
+            warmed.add(context)
         if "check" not in meta:
             depth = min(layers, CHECK_LAYERS)
             meta["check"] = c = check(model_with(depth), s, context, batch, depth)
