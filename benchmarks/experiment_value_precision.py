@@ -13,14 +13,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from kl_experiment import parser, run_and_report, setup
+from kl_experiment import override_far_field, parser, run_and_report, setup
 
-import multipole.state as state_mod
 from multipole.eval.decoding import Run
 from multipole.eval.harness import method_config, runs_for
 from multipole.ops.decode import far_field
-
-CURRENT = {"budget": None}  # token budget of the state whose far field is being computed
 
 
 def far_field_fp8_values(q, key_centroids, value_centroids, sizes, cluster_mask, scale):
@@ -45,22 +42,7 @@ def main() -> None:
         flush=True,
     )
 
-    # the far field of the fp8 run only: the runs step in lockstep, one cache after another
-    def far_field_of_run(q, key_centroids, value_centroids, sizes, cluster_mask, scale):
-        if CURRENT["budget"] == budget:
-            return far_field_fp8_values(
-                q, key_centroids, value_centroids, sizes, cluster_mask, scale
-            )
-        return far_field(q, key_centroids, value_centroids, sizes, cluster_mask, scale)
-
-    original_attend = state_mod.MultipoleState._attend_reference
-
-    def attend_reference(self, q, lookup_q, scale):
-        CURRENT["budget"] = self.config.token_budget
-        return original_attend(self, q, lookup_q, scale)
-
-    state_mod.far_field = far_field_of_run
-    state_mod.MultipoleState._attend_reference = attend_reference
+    override_far_field({budget: far_field_fp8_values})  # the fp8 run only
     run_and_report(model, tokenizer, settings, runs, args)
 
 

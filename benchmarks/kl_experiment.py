@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
+import multipole.state as state_mod
 from multipole.data import text_windows
 from multipole.eval.decoding import Run
 from multipole.eval.harness import EvalSettings, perplexity_task
 from multipole.models import load_model
+from multipole.ops.decode import far_field
 
 
 def parser(fraction: float) -> argparse.ArgumentParser:
@@ -52,3 +55,24 @@ def run_and_report(model, tokenizer, settings: EvalSettings, runs: list[Run], ar
         with open(args.out, "w") as f:
             json.dump(dict(settings=vars(args), results=results), f, indent=1)
     return results
+
+
+def override_far_field(variants: dict[int, Callable]) -> None:
+    """Make the Multipole states whose token budget is a key of ``variants`` compute their
+    far field with that function (``far_field``'s signature) instead of ``far_field``. The
+    runs step in lockstep, one cache after another, so the budget of the state attending
+    tells the runs apart (give each variant a budget of its own)."""
+    current = {"budget": None}
+
+    def far_field_of_run(q, key_centroids, value_centroids, sizes, cluster_mask, scale):
+        fn = variants.get(current["budget"], far_field)
+        return fn(q, key_centroids, value_centroids, sizes, cluster_mask, scale)
+
+    original_attend = state_mod.MultipoleState._attend_reference
+
+    def attend_reference(self, q, lookup_q, scale):
+        current["budget"] = self.config.token_budget
+        return original_attend(self, q, lookup_q, scale)
+
+    state_mod.far_field = far_field_of_run
+    state_mod.MultipoleState._attend_reference = attend_reference

@@ -233,15 +233,7 @@ class GraphedStep:
             graph, out = capture(step, state.device, self._pool)
         except Exception as error:  # any failure: restore the host state, step eagerly
             state.seq_lens, state._reads = saved
-            self._enabled = False
-            self.failure = f"{type(error).__name__}: {error}"
-            self.release()
-            warnings.warn(
-                f"GraphedStep: CUDA graph capture failed, stepping eagerly from now on "
-                f"({self.failure})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _stay_eager(self, error)
             return None
         self._graph, self._graph_key, self._keeper = graph, key, None
         self._held = (held_by_step(state), self._static)
@@ -420,15 +412,7 @@ class GraphedDecoder:
         except Exception as error:  # any failure: restore the host state, step eagerly
             for layer, snapshot in zip(layers, snapshots, strict=True):
                 layer.graph_restore(snapshot)
-            self._enabled = False
-            self.failure = f"{type(error).__name__}: {error}"
-            self.release()
-            warnings.warn(
-                f"GraphedDecoder: CUDA graph capture failed, stepping eagerly from now on "
-                f"({self.failure})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _stay_eager(self, error)
             return None
         self._graph, self._graph_key, self._keeper = graph, key, None
         self._held, self._out = (held, static), out
@@ -533,6 +517,19 @@ def capture(
             torch._C._cuda_endAllocateToPool(index, pool)
         raise
     return graph, out
+
+
+def _stay_eager(runner: GraphedStep | GraphedDecoder, error: Exception) -> None:
+    """After a failed capture: no graphs for ``runner`` from now on, and a warning why."""
+    runner._enabled = False
+    runner.failure = f"{type(error).__name__}: {error}"
+    runner.release()
+    warnings.warn(
+        f"{type(runner).__name__}: CUDA graph capture failed, stepping eagerly from now on "
+        f"({runner.failure})",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _plain(inputs: tuple, scale: object) -> bool:
