@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -356,3 +357,87 @@ def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
         assert ours.state._seq_lens_device.tolist() == ours.state.seq_lens
         assert ours.state.stats() == ref.state.stats()
         assert ours.get_seq_length() == ref.get_seq_length() == 300 + steps
+
+
+class _EmulatedDecoderGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` under :class:`GraphedDecoder` on the CPU: a
+    capture keeps the step's host effects and undoes its device effects (every layer's cache
+    write and device lengths), as a real capture runs nothing on the device; a replay redoes
+    the device effects only, through the model, into the captured logits and read counts."""
+
+    FIELDS = ("tokens_exact", "clusters_selected", "centroids_scored", "metadata_bytes")
+
+    def __init__(self, decoder: GraphedDecoder) -> None:
+        self.decoder = decoder
+
+    def _states(self):
+        return [layer.state for layer in self.decoder.cache.layers]
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        stores = [(s._keys, s._values, s._seq_lens_device) for s in self._states()]
+        self.saved = [(t, t.clone()) for group in stores for t in group]
+        self.baked = [(id(s._keys), id(s._fused), tuple(s.clustered_len)) for s in self._states()]
+
+    def capture_end(self):
+        for t, saved in self.saved:
+            t.copy_(saved)
+        self.reads = [s._reads for s in self._states()]
+
+    def replay(self):
+        states = self._states()
+        baked = [(id(s._keys), id(s._fused), tuple(s.clustered_len)) for s in states]
+        assert baked == self.baked, "replayed a stale graph"
+        layers = self.decoder.cache.layers
+        host = [layer.graph_snapshot() for layer in layers]
+        logits = self.decoder._forward(*self.decoder._static)
+        self.decoder._out.copy_(logits)
+        for s, reads in zip(states, self.reads, strict=True):
+            for name in self.FIELDS:
+                getattr(reads, name).copy_(getattr(s._reads, name))
+        for layer, snapshot in zip(layers, host, strict=True):
+            layer.graph_restore(snapshot)
+
+
+def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch):
+    """GraphedDecoder with an emulated graph on the CPU: logits, lengths (host and device) and
+    stats equal an eager twin's over three online updates; most steps replay, and every
+    update is an eager step followed by a new capture."""
+    import multipole.graphs as graphs
+
+    model = tiny_model("qwen3", int(torch.randint(1000, (1,), generator=gen)))
+    ids = torch.randint(1, 128, (2, 300), generator=gen)
+    model.set_attn_implementation("multipole")
+    caches = [multipole.MultipoleCache(SMALL, cuda_graphs=False) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            prompt_logits = model(ids, past_key_values=cache, use_cache=True).logits
+    graphed = GraphedDecoder(model, caches[0])
+    eager = GraphedDecoder(model, caches[1], enabled=False)
+    monkeypatch.setattr(GraphedDecoder, "_on_cuda", staticmethod(lambda t: True))
+    monkeypatch.setattr(graphs, "graphable_state", lambda state: True)
+    monkeypatch.setattr(graphs, "fused_path", lambda state, lookup_is_query, keys: True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EmulatedDecoderGraph(graphed))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tokens = prompt_logits[:, -1].argmax(-1, keepdim=True)
+    steps, outs = 3 * SMALL.interval + 5, []
+    for i in range(steps):
+        positions = torch.full((2, 1), 300 + i)
+        ours = graphed(tokens, positions)
+        outs.append(ours)
+        ref = eager(tokens, positions)
+        # CPU kernels may round differently on buffers at other addresses: 1 ulp, not more
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        tokens = ref.argmax(-1, keepdim=True)
+        for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+            assert a.state.seq_lens == b.state.seq_lens == [301 + i] * 2
+            assert a.state._seq_lens_device.tolist() == a.state.seq_lens
+            assert a.get_seq_length() == b.get_seq_length() == 301 + i
+            assert a.state.stats() == b.state.stats()
+    assert graphed.failure is None, graphed.failure
+    assert graphed.replays + graphed.captures + graphed.eager_steps == steps
+    assert graphed.replays > 2 * SMALL.interval
+    assert graphed.captures >= 3 and graphed.eager_steps >= 3  # around each update
+    assert len({o.data_ptr() for o in outs if o is graphed._out}) == 1  # the static logits

@@ -325,7 +325,11 @@ class GraphedDecoder:
         """One decode step: ``input_ids`` and ``position_ids`` ``[B, 1]``; returns the last
         position's logits ``[B, vocab]`` (on a replay: the graph's static output)."""
         inputs = (input_ids, position_ids)
-        if not self._enabled or not input_ids.is_cuda or torch.cuda.is_current_stream_capturing():
+        if (
+            not self._enabled
+            or not self._on_cuda(input_ids)
+            or torch.cuda.is_current_stream_capturing()
+        ):
             return self._forward(*inputs)
         meta = self._meta(inputs)
         if (
@@ -373,6 +377,10 @@ class GraphedDecoder:
                 logits_to_keep=1,
             )
         return out.logits[:, -1]
+
+    @staticmethod
+    def _on_cuda(t: torch.Tensor) -> bool:
+        return t.is_cuda  # (the CPU tests emulate graphs through this)
 
     @staticmethod
     def _meta(inputs: tuple) -> tuple:
