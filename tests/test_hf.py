@@ -374,8 +374,8 @@ class _EmulatedDecoderGraph:
         return [layer.state for layer in self.decoder.cache.layers]
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
-        stores = [(s._keys, s._values, s._seq_lens_device) for s in self._states()]
-        self.saved = [(t, t.clone()) for group in stores for t in group]
+        stores = [(s._keys, s._values, s._cluster_keys, s._seq_lens_device) for s in self._states()]
+        self.saved = [(t, t.clone()) for group in stores for t in group if t is not None]
         self.baked = [(id(s._keys), id(s._fused), tuple(s.clustered_len)) for s in self._states()]
 
     def capture_end(self):
@@ -388,6 +388,7 @@ class _EmulatedDecoderGraph:
         baked = [(id(s._keys), id(s._fused), tuple(s.clustered_len)) for s in states]
         assert baked == self.baked, "replayed a stale graph"
         layers = self.decoder.cache.layers
+        assert all(layer.graph_free_steps() > 0 for layer in layers), "replayed into an update"
         host = [layer.graph_snapshot() for layer in layers]
         logits = self.decoder._forward(*self.decoder._static)
         self.decoder._out.copy_(logits)
@@ -398,16 +399,19 @@ class _EmulatedDecoderGraph:
             layer.graph_restore(snapshot)
 
 
-def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch):
+@pytest.mark.parametrize("position_free", [False, True], ids=["cached-keys", "position-free"])
+def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, position_free):
     """GraphedDecoder with an emulated graph on the CPU: logits, lengths (host and device) and
-    stats equal an eager twin's over three online updates; most steps replay, and every
-    update is an eager step followed by a new capture."""
+    stats equal an eager twin's over three online updates; most steps replay (returning the
+    same static logits), a config change re-captures, and every update is an eager step
+    followed by a new capture."""
     import multipole.graphs as graphs
 
     model = tiny_model("qwen3", int(torch.randint(1000, (1,), generator=gen)))
     ids = torch.randint(1, 128, (2, 300), generator=gen)
     model.set_attn_implementation("multipole")
-    caches = [multipole.MultipoleCache(SMALL, cuda_graphs=False) for _ in range(2)]
+    cfg = dataclasses.replace(SMALL, position_free_keys=position_free, lookup_position=64)
+    caches = [multipole.MultipoleCache(cfg, cuda_graphs=False) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             prompt_logits = model(ids, past_key_values=cache, use_cache=True).logits
@@ -422,11 +426,16 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     tokens = prompt_logits[:, -1].argmax(-1, keepdim=True)
-    steps, outs = 3 * SMALL.interval + 5, []
+    steps, outs, counts = 3 * cfg.interval + 5, [], []
     for i in range(steps):
+        if i == 20:  # a config change between steps: the next step must not replay
+            for cache in caches:
+                for layer in cache.layers:
+                    layer.state.config = dataclasses.replace(cfg, token_budget=40)
         positions = torch.full((2, 1), 300 + i)
         ours = graphed(tokens, positions)
         outs.append(ours)
+        counts.append((graphed.replays, graphed.captures))
         ref = eager(tokens, positions)
         # CPU kernels may round differently on buffers at other addresses: 1 ulp, not more
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -438,6 +447,10 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch):
             assert a.state.stats() == b.state.stats()
     assert graphed.failure is None, graphed.failure
     assert graphed.replays + graphed.captures + graphed.eager_steps == steps
-    assert graphed.replays > 2 * SMALL.interval
-    assert graphed.captures >= 3 and graphed.eager_steps >= 3  # around each update
-    assert len({o.data_ptr() for o in outs if o is graphed._out}) == 1  # the static logits
+    assert graphed.replays > 2 * cfg.interval
+    assert graphed.captures >= 4 and graphed.eager_steps >= 4  # updates, the config change
+    assert counts[20][0] == counts[19][0]  # no replay right after the change
+    for i in range(1, steps):  # two replays in a row with no capture between: the same logits
+        (r0, c0), (r1, c1) = counts[i - 1], counts[i]
+        if r1 == r0 + 1 and c1 == c0 and i >= 2 and counts[i - 2][0] < r0:
+            assert outs[i] is outs[i - 1]

@@ -332,10 +332,11 @@ class GraphedDecoder:
         ):
             return self._forward(*inputs)
         meta = self._meta(inputs)
+        key, held = self._key(meta)  # every step: a config or tuning change must re-capture
         if (
             self._graph is not None
             and self._free > 0
-            and meta == self._graph_key[0]
+            and key == self._graph_key
             and self.cache.get_seq_length() == self._length
         ):
             torch._foreach_copy_(list(self._static), list(inputs))
@@ -348,9 +349,8 @@ class GraphedDecoder:
             return self._out
         self._release()
         static = self._load(inputs)
-        key, held = self._key(meta)
         if key is not None and key == self._warm_key and self._free_steps() > 0:
-            out = self._capture(static, key, held)
+            out = self._capture(static, key)
             if out is not None:
                 return out
         self._warm_key, self._warm_held = None, ()
@@ -407,7 +407,7 @@ class GraphedDecoder:
         torch._foreach_copy_(list(self._static), list(inputs))
         return self._static
 
-    def _capture(self, static: tuple, key: tuple, held: tuple) -> torch.Tensor | None:
+    def _capture(self, static: tuple, key: tuple) -> torch.Tensor | None:
         """Capture this step and replay it once; None (host state restored, graphs off) if
         the capture fails."""
         layers = self.cache.layers
@@ -423,7 +423,8 @@ class GraphedDecoder:
             _stay_eager(self, error)
             return None
         self._graph, self._graph_key, self._keeper = graph, key, None
-        self._held, self._out = (held, static), out
+        # what the graph uses, taken after the capture (which may have made some of it)
+        self._held, self._out = (self._key(key[0])[1], static), out
         self._replayed = [layer.graph_captured() for layer in layers]
         self._warm_key, self._warm_held = None, ()
         graph.replay()  # the capture ran the host side of the step, this runs the device side

@@ -186,7 +186,8 @@ def test_kernel_reseeds_empty_clusters_and_means_of_values(gen, kernel_device):
 
 def test_kernel_member_means_over_several_cluster_tiles(gen, kernel_device):
     """Means and sizes with clusters over three tiles of the accumulation, uneven tiles (one
-    empty for a group: its clusters get 0), padding points and several point splits."""
+    empty for a group: its clusters get 0), padding points (labelled, still ignored) and
+    several point splits."""
     from multipole.ops.kmeans import kernel as km
 
     device, g, n, d, k = kernel_device, 2, 700, 16, 2 * km.BLOCK_K + 44
@@ -197,7 +198,7 @@ def test_kernel_member_means_over_several_cluster_tiles(gen, kernel_device):
         torch.rand(g, n, generator=gen) < 0.7, skewed, torch.randint(k, (g, n), generator=gen)
     )
     labels[1] = labels[1] % (2 * km.BLOCK_K)  # group 1: the last tile is empty
-    labels = torch.where(torch.arange(n) < npts[:, None], labels, -1).to(torch.int32)
+    labels = labels.to(torch.int32)  # labelled padding too (past num_points): never counted
     pts = km.Points(x.to(device), (torch.arange(g) * n * d).to(device), npts.to(device), n)
     kc = torch.full((g,), k, dtype=torch.int32, device=device)
     got = km.member_means(pts, labels.to(device), kc, k).cpu()

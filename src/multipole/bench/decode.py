@@ -779,7 +779,7 @@ def run(
             bar.update(1)
             _say(
                 bar,
-                f"check ({context} tokens, batch {batch}, {layers} layers, full budget): max "
+                f"check ({context} tokens, batch {batch}, {c['layers']} layers, full budget): max "
                 f"rel. error of the first-step logits {c['max_rel_err']:.2e} (tolerance "
                 f"{c['tolerance']:.0e})",
             )

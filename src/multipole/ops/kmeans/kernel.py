@@ -179,8 +179,9 @@ def _accumulate_kernel(
         start = tile_lo + sp * per_split
         end = tl.minimum(start + per_split, tile_hi)
         for n0 in range(start, end, BLOCK_N):
-            mask_n = n0 + offs_n < end
-            ns = tl.load(ORDER + g * max_points + n0 + offs_n, mask=mask_n, other=0)
+            in_range = n0 + offs_n < end
+            ns = tl.load(ORDER + g * max_points + n0 + offs_n, mask=in_range, other=0)
+            mask_n = in_range & (ns < n_g)  # points past num_points never count
             lab = tl.load(LABELS + g * max_points + ns, mask=mask_n, other=-1)
             onehot = lab[None, :] == ks[:, None]  # [BLOCK_K, BLOCK_N]
             mask_nd = mask_n[:, None] & mask_d[None, :]
