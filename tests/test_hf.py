@@ -322,16 +322,11 @@ def test_filling_a_cache_outside_a_forward_does_not_capture_the_next_one(gen):
     assert all(layer.state is None for layer in filled.layers)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("position_free", [False, True], ids=["cached-keys", "position-free"])
-def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
-    """GraphedDecoder: a tiny model's decode steps replayed as one CUDA graph give the logits,
-    lengths and stats of eager steps on a twin cache, across three online updates."""
-    model = tiny_model("qwen3", int(torch.randint(1000, (1,), generator=gen))).cuda()
-    cfg = dataclasses.replace(
-        SMALL, backend="triton", position_free_keys=position_free, lookup_position=64
-    )
-    ids = torch.randint(1, 128, (2, 300), generator=gen).cuda()
+def _decoder_twins(gen, cfg, device):
+    """A tiny Qwen3 with two MultipoleCaches after the same 300-token prompt: a graphed
+    decoder over the first, an eager one over the second, and the first tokens to feed."""
+    model = tiny_model("qwen3", int(torch.randint(1000, (1,), generator=gen))).to(device)
+    ids = torch.randint(1, 128, (2, 300), generator=gen).to(device)
     model.set_attn_implementation("multipole")
     caches = [multipole.MultipoleCache(cfg, cuda_graphs=False) for _ in range(2)]
     with torch.no_grad():
@@ -339,7 +334,18 @@ def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
             prompt_logits = model(ids, past_key_values=cache, use_cache=True).logits
     graphed = GraphedDecoder(model, caches[0])
     eager = GraphedDecoder(model, caches[1], enabled=False)
-    tokens = prompt_logits[:, -1].argmax(-1, keepdim=True)
+    return caches, graphed, eager, prompt_logits[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("position_free", [False, True], ids=["cached-keys", "position-free"])
+def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
+    """GraphedDecoder: a tiny model's decode steps replayed as one CUDA graph give the logits,
+    lengths and stats of eager steps on a twin cache, across three online updates."""
+    cfg = dataclasses.replace(
+        SMALL, backend="triton", position_free_keys=position_free, lookup_position=64
+    )
+    caches, graphed, eager, tokens = _decoder_twins(gen, cfg, "cuda")
     steps = 3 * cfg.interval + 5
     for i in range(steps):
         positions = torch.full((2, 1), 300 + i, device="cuda")
@@ -407,16 +413,8 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, pos
     followed by a new capture."""
     import multipole.graphs as graphs
 
-    model = tiny_model("qwen3", int(torch.randint(1000, (1,), generator=gen)))
-    ids = torch.randint(1, 128, (2, 300), generator=gen)
-    model.set_attn_implementation("multipole")
     cfg = dataclasses.replace(SMALL, position_free_keys=position_free, lookup_position=64)
-    caches = [multipole.MultipoleCache(cfg, cuda_graphs=False) for _ in range(2)]
-    with torch.no_grad():
-        for cache in caches:
-            prompt_logits = model(ids, past_key_values=cache, use_cache=True).logits
-    graphed = GraphedDecoder(model, caches[0])
-    eager = GraphedDecoder(model, caches[1], enabled=False)
+    caches, graphed, eager, tokens = _decoder_twins(gen, cfg, "cpu")
     monkeypatch.setattr(GraphedDecoder, "_on_cuda", staticmethod(lambda t: True))
     monkeypatch.setattr(graphs, "graphable_state", lambda state: True)
     monkeypatch.setattr(graphs, "fused_path", lambda state, lookup_is_query, keys: True)
@@ -425,7 +423,6 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, pos
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    tokens = prompt_logits[:, -1].argmax(-1, keepdim=True)
     steps, outs, counts = 3 * cfg.interval + 5, [], []
     for i in range(steps):
         if i == 20:  # a config change between steps: the next step must not replay
