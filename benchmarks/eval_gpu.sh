@@ -87,6 +87,9 @@ for name in "${runs[@]}"; do
       --methods multipole,multipole_2level,centroid_only,quest,window ;;
     qwen_ppl16k_32) eval_run qwen_ppl16k_32 500 --tasks perplexity --context 16384 --windows 2 \
       --decode-tokens 2048 --fractions 1/32 --methods multipole,centroid_only,quest ;;
+    qwen_ppl16k_partial) eval_run qwen_ppl16k_partial 560 --tasks perplexity --context 16384 \
+      --windows 2 --decode-tokens 2048 --fractions 1/32,1/16 \
+      --methods multipole_partial,centroid_only ;;
     gsm) eval_run gsm 300 --tasks gsm --gsm-samples 8 --gsm-new-tokens 320 --fractions 1/16 \
       --methods multipole,multipole_2level,centroid_only,quest,window ;;
     *) echo "unknown run: $name"; exit 2 ;;

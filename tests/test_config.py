@@ -27,6 +27,7 @@ VALID = [
     pytest.param({"levels": 2}, id="two_levels"),
     pytest.param({"replacement": False}, id="centroid_only"),
     pytest.param({"far_field_keys": "attention"}, id="attention_far_field"),
+    pytest.param({"far_field_share": 0.1}, id="partial_far_field"),
     pytest.param({"validate": True}, id="validate_on"),
     pytest.param({"validate": False}, id="validate_off"),
     pytest.param({"lookup_position": 0, "seed": 0}, id="zero_position_and_seed"),
@@ -257,6 +258,24 @@ INVALID = [
         TypeError,
         ("MultipoleConfig.position_free_keys", "expected a bool", "got 1"),
         id="position_free_keys_int",
+    ),
+    pytest.param(
+        {"far_field_share": 0.0},
+        ValueError,
+        ("MultipoleConfig.far_field_share", "a float in (0, 1]", "got 0.0"),
+        id="far_field_share_zero",
+    ),
+    pytest.param(
+        {"far_field_share": 1.5},
+        ValueError,
+        ("MultipoleConfig.far_field_share", "a float in (0, 1]", "got 1.5"),
+        id="far_field_share_above_one",
+    ),
+    pytest.param(
+        {"far_field_share": 0.5, "levels": 2},
+        ValueError,
+        ("MultipoleConfig.far_field_share", "1.0 with levels=2", "got 0.5"),
+        id="far_field_share_two_levels",
     ),
     pytest.param(
         {"far_field_keys": "keys"},

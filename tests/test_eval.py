@@ -64,16 +64,21 @@ def test_unreachable_fractions_are_skipped_not_faked():
     assert cfg.centroid_ratio == 1 / 16 and cfg.token_budget > 0
 
 
-def test_two_level_variant_reads_its_fraction(gen):
-    """``multipole_2level`` runs the multipole state with the hierarchy and still reads about
-    the bytes it was given (coarse and opened fine centroids counted)."""
+@pytest.mark.parametrize(
+    ("variant", "field", "value"),
+    [("multipole_2level", "levels", 2), ("multipole_partial", "far_field_share", 0.1)],
+)
+def test_multipole_variants_read_their_fraction(gen, variant, field, value):
+    """``multipole_2level`` (the hierarchy) and ``multipole_partial`` (a far field over the
+    clusters of largest mass) run the multipole state with their config and still read about
+    the bytes they were given (every centroid read counted), beating the window there."""
     inputs = planted_inputs(int(torch.randint(10**6, (1,), generator=gen)))
     settings = EvalSettings(base=SMALL_BASE)
     prefix, fraction = 860, 0.25
-    config = method_config("multipole_2level", fraction, prefix, 32, settings)
-    assert config.levels == 2 and config.token_budget > 0
-    runs, _ = runs_for(dataclasses.replace(settings, methods=("multipole_2level",)), prefix, 32)
-    assert [(r.label, r.method) for r in runs[-1:]] == [("multipole_2level@1/8", "multipole")]
+    config = method_config(variant, fraction, prefix, 32, settings)
+    assert getattr(config, field) == value and config.token_budget > 0
+    runs, _ = runs_for(dataclasses.replace(settings, methods=(variant,)), prefix, 32)
+    assert [(r.label, r.method) for r in runs[-1:]] == [(f"{variant}@1/8", "multipole")]
     result = attention_fidelity(inputs, "multipole", config, prefix)
     assert result.read_fraction == pytest.approx(fraction, rel=0.15)
     window = attention_fidelity(

@@ -260,6 +260,96 @@ def test_non_contiguous_inputs_are_handled(gen):
     assert rel_err(out, dense_attention(q, k.contiguous(), v.contiguous())) < 1e-5
 
 
+def _brute_force_partial_far_field(state, q, share):
+    """Float64 loops over (sequence, KV head): exact attention over the tokens the state
+    attended, plus the far field of the ``round(share * live)`` clusters of largest estimated
+    mass among those with tokens left, each at its key centroid with the mean value of its
+    untaken tokens."""
+    level0, labels = state.index.level0, state.index.labels
+    exact_mask = state._reads.token_mask
+    b_count, h_count, c_count, d = level0.key_centroids.shape
+    group = q.shape[1] // h_count
+    scale = d**-0.5
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(b_count):
+        n = state.seq_lens[b]
+        for h in range(h_count):
+            qg = q[b, h * group : (h + 1) * group].double()  # [G, D]
+            sizes = level0.sizes[b, h].double()
+            live = sizes > 0
+            z = qg @ level0.key_centroids[b, h].double().T * scale  # [G, C]
+            log_den = torch.logsumexp((z + sizes.log()).masked_fill(~live, -torch.inf), -1)
+            per_key = torch.exp(z - log_den[:, None]).sum(0)  # summed over the group
+            taken_mask = exact_mask[b, min(h, exact_mask.shape[1] - 1), :n]
+            lab = labels[b, h, :n]
+            left = torch.zeros(c_count, dtype=torch.float64)
+            left_sum = torch.zeros(c_count, d, dtype=torch.float64)
+            for i in range(n):
+                if lab[i] >= 0 and not taken_mask[i]:
+                    left[lab[i]] += 1
+                    left_sum[lab[i]] += state.values[b, h, i].double()
+            k = min(int(live.sum()), max(1, round(int(live.sum()) * share)))
+            candidates = [c for c in range(c_count) if left[c] > 0]
+            candidates.sort(key=lambda c: (-float(per_key[c] * left[c]), c))
+            far = candidates[:k]
+            keys = torch.cat([state.keys[b, h, :n][taken_mask].double(),
+                              level0.key_centroids[b, h, far].double()])  # fmt: skip
+            values = torch.cat(
+                [state.values[b, h, :n][taken_mask].double(), left_sum[far] / left[far, None]]
+            )
+            bias = torch.cat([torch.zeros(int(taken_mask.sum())), left[far].log()])
+            weights = torch.softmax(qg @ keys.T * scale + bias, dim=-1)
+            out[b, h * group : (h + 1) * group] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3, 1.0])
+def test_partial_far_field_matches_a_brute_force_softmax(gen, share):
+    """far_field_share: the far field keeps the clusters of largest estimated mass (per-key
+    score summed over the group x tokens left) and drops the others; a budget that cuts one
+    cluster part-way and a ragged batch included."""
+    k, v = _kv(gen, 2, 2, 700, 16)
+    q = torch.randn(2, 6, 16, generator=gen)
+    cfg = dataclasses.replace(SMALL, token_budget=45, far_field_share=share)
+    state = MultipoleState.prefill(k, v, cfg, lengths=[700, 555])
+    out = state.attend(q)
+    assert rel_err(out, _brute_force_partial_far_field(state, q, share)) < 1e-5
+    full = MultipoleState.prefill(
+        k, v, dataclasses.replace(cfg, far_field_share=1.0), lengths=[700, 555]
+    )
+    if share < 1:  # the share changes the answer (the test would notice it being ignored)
+        assert rel_err(out, full.attend(q)) > 1e-3
+
+
+def test_partial_far_field_reads_fewer_value_centroids_and_buys_tokens(gen):
+    """At budget 0 the reads are the fixed bytes: key centroids of every live cluster and value
+    centroids of round(share * live); at equal bytes the saved bytes become exact tokens."""
+    from multipole.baselines import budget_for_read_fraction
+
+    h, d, n = 2, 32, 1300
+    k, v = _kv(gen, 1, h, n, d)
+    cfg = dataclasses.replace(SMALL, token_budget=0, far_field_share=0.25)
+    state = MultipoleState.prefill(k, v, cfg)
+    state.attend(torch.randn(1, 4, d, generator=gen))
+    live = (state.index.level0.sizes > 0).sum(-1)
+    exact = n - state.clustered_len[0]
+    expected = exact * 2 * d * 4 + live * (d * 4 + 4) + torch.round(live * 0.25) * d * 4
+    assert state.stats().bytes_read == int(expected.sum())
+    assert state.stats().bytes_read == h * MultipoleState.fixed_bytes_per_head(cfg, n, d, 4)
+    budgets = [
+        budget_for_read_fraction(
+            "multipole",
+            0.2,
+            seq_len=n,
+            head_dim=d,
+            config=dataclasses.replace(cfg, far_field_share=s),
+            elem_size=4,
+        ).token_budget
+        for s in (1.0, 0.25)
+    ]
+    assert budgets[1] > budgets[0]
+
+
 def test_equal_bytes_ordering_multipole_centroid_only_window(gen):
     """On planted clusters at equal bytes read: multipole < centroid-only < window (error).
 

@@ -41,6 +41,8 @@ class MultipoleConfig:
     every token not taken enters the softmax through its cluster's centroid (the far field,
     ``replacement=True``: a cluster counts as its untaken tokens, at its key centroid with their
     mean value) or is dropped (``replacement=False``, the centroid-only variant).
+    ``far_field_share < 1`` keeps the far field to the unselected clusters of largest estimated
+    mass and drops the rest: fewer value centroids read, so more tokens within the same bytes.
 
     Attributes:
         centroid_ratio: clusters per clustered token (1/16: one centroid per 16 keys).
@@ -60,6 +62,11 @@ class MultipoleConfig:
             an int is a number of tokens, a float in (0, 1) a fraction of the clustered region.
         replacement: add the far-field term of unselected clusters (Multipole); False gives
             the centroid-only ("Squeezed") variant.
+        far_field_share: fraction of the live clusters whose value centroids are read for the
+            far field (at least one): those of largest estimated attention mass among the
+            clusters with tokens left after selection; the other unselected clusters are
+            dropped. 1.0 (default) is the paper's far field over every unselected cluster.
+            Values below 1 need ``levels == 1`` and run on the PyTorch path (no fused kernel).
         far_field_keys: key centroids used for the far-field logits: ``"clustering"`` scores
             the clustering-key centroids with the lookup query (the paper's code);
             ``"attention"`` uses the means of the attention keys with the attention query.
@@ -78,7 +85,7 @@ class MultipoleConfig:
         backend: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels: CUDA, or
             the CPU under ``TRITON_INTERPRET=1``), or ``"auto"``: Triton on CUDA where the
             kernels cover the call (``levels == 1``, a float16/bfloat16/float32 cache, far field
-            from the lookup query), the reference otherwise.
+            over every cluster from the lookup query), the reference otherwise.
     """
 
     centroid_ratio: float = 1 / 16
@@ -92,6 +99,7 @@ class MultipoleConfig:
     level_ratio: float = 1 / 4
     coarse_budget: int | float = 0.25
     replacement: bool = True
+    far_field_share: float = 1.0
     far_field_keys: FarFieldKeys = "clustering"
     position_free_keys: bool = False
     lookup_position: int = 2048
@@ -100,7 +108,7 @@ class MultipoleConfig:
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
-        for field in ("centroid_ratio", "level_ratio"):
+        for field in ("centroid_ratio", "level_ratio", "far_field_share"):
             value = getattr(self, field)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise TypeError(f"MultipoleConfig.{field}: expected a float, got {value!r}")
@@ -137,6 +145,8 @@ class MultipoleConfig:
                 raise TypeError(
                     f"MultipoleConfig.{field}: expected a bool, got {getattr(self, field)!r}"
                 )
+        if self.far_field_share < 1 and self.levels != 1:
+            _fail("far_field_share", "1.0 with levels=2 (one level only)", self.far_field_share)
         if self.far_field_keys not in ("clustering", "attention"):
             _fail("far_field_keys", "'clustering' or 'attention'", self.far_field_keys)
         if self.backend not in ("auto", "reference", "triton"):
@@ -162,6 +172,12 @@ class MultipoleConfig:
     def clusters_for(self, num_tokens: int) -> int:
         """Number of level-0 clusters of a block of ``num_tokens`` tokens."""
         return 0 if num_tokens <= 0 else max(1, round(num_tokens * self.centroid_ratio))
+
+    def far_field_clusters(self, live_clusters: int) -> int:
+        """Value centroids read for the far field out of ``live_clusters`` scored ones."""
+        if not self.replacement or live_clusters <= 0:
+            return 0
+        return min(live_clusters, max(1, round(live_clusters * self.far_field_share)))
 
     def coarse_clusters_for(self, num_clusters: int) -> int:
         """Number of level-1 clusters over ``num_clusters`` level-0 clusters of one block."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,11 +85,11 @@ class FusedLayout:
     workspace: dict[str, torch.Tensor] = field(default_factory=dict)
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def metadata_bytes(self, per_centroid: int) -> torch.Tensor:
-        """``[B, H_kv]`` bytes of centroid data a step reads (computed once per layout)."""
-        name = f"metadata_bytes_{per_centroid}"
+    def cached(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, computed once per layout (e.g. the bytes of centroid data a step reads,
+        which change only when the index does)."""
         if name not in self.workspace:
-            self.workspace[name] = self.live * per_centroid
+            self.workspace[name] = make()
         return self.workspace[name]
 
     def buffer(

@@ -503,7 +503,8 @@ class MultipoleState(DecodeState):
             centroids = sum(config.coarse_clusters_for(k) for k in fine)
             centroids += config.clusters_for(opened)
         exact = super().fixed_bytes_per_head(config, seq_len, head_dim, elem_size)
-        return exact + centroids * _centroid_bytes(config, head_dim, elem_size, False)
+        metadata = _metadata_bytes(config, torch.tensor(centroids), head_dim, elem_size, False)
+        return exact + float(metadata)
 
     def _index_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         attention = self._keys if self.index.level0.attention_key_centroids is not None else None
@@ -538,6 +539,7 @@ class MultipoleState(DecodeState):
             cfg.levels == 1
             and self.index.level0.attention_key_centroids is None
             and (far_from_lookup or not cfg.replacement)
+            and (cfg.far_field_share == 1 or not cfg.replacement)
             and self.dtype != torch.float64
         )
         if cfg.backend == "reference":
@@ -551,7 +553,8 @@ class MultipoleState(DecodeState):
             if not supported:
                 raise ValueError(
                     "backend='triton' supports levels=1, float16/bfloat16/float32 caches and a far "
-                    "field from the lookup query; use backend='reference' or 'auto' for this state"
+                    "field over every cluster (far_field_share=1) from the lookup query; use "
+                    "backend='reference' or 'auto' for this state"
                 )
             return "triton"
         return (
@@ -587,8 +590,11 @@ class MultipoleState(DecodeState):
             tokens_exact=count,
             clusters_selected=selected,
             centroids_scored=layout.live,
-            metadata_bytes=layout.metadata_bytes(
-                _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), False)
+            metadata_bytes=layout.cached(
+                "metadata_bytes",
+                lambda: _metadata_bytes(
+                    cfg, layout.live, self.head_dim, self._keys.element_size(), False
+                ),
             ),
         )
         return out, lse, reads
@@ -642,12 +648,17 @@ class MultipoleState(DecodeState):
             # the mean of their values (a partly taken cluster keeps its key centroid)
             far_q, keys0 = self._far_field_inputs(q, lookup_q, level0)
             left = torch.where(candidates, level0.sizes - taken, 0)
+            in_far = left > 0
+            if cfg.far_field_share < 1:
+                # the clusters of largest estimated mass (per-key score x tokens left)
+                mass = score0 + torch.log(left.to(score0.dtype))
+                in_far &= _best(mass, in_far, _far_field_clusters(cfg, scored))
             far = far_field(
                 far_q,
                 keys0,
                 self._values_left(level0, taken, middle & chosen),
                 left,
-                left > 0,
+                in_far,
                 scale,
             )
             out, lse = merge_states(out, lse, *far)
@@ -659,12 +670,12 @@ class MultipoleState(DecodeState):
                 out, lse = merge_states(out, lse, *far)
 
         separate = level0.attention_key_centroids is not None
-        centroid_bytes = _centroid_bytes(cfg, self.head_dim, self._keys.element_size(), separate)
+        elem_size = self._keys.element_size()
         reads = Reads(
             tokens_exact=token_mask.sum(-1),
             clusters_selected=(taken > 0).sum(-1),
             centroids_scored=scored,
-            metadata_bytes=scored * centroid_bytes,
+            metadata_bytes=_metadata_bytes(cfg, scored, self.head_dim, elem_size, separate),
             token_mask=token_mask,
         )
         return out, lse, reads
@@ -740,13 +751,38 @@ def dense_attention(
     return (out, lse.reshape(b, -1).float()) if return_lse else out
 
 
-def _centroid_bytes(
-    config: MultipoleConfig, head_dim: int, elem_size: int, separate_attention_keys: bool
-) -> int:
-    """Bytes read per centroid scored: its key centroid, with the far field its value
-    centroid (and attention-key centroid when kept apart), and a 4-byte size."""
-    vectors = 1 + (2 if separate_attention_keys else 1) * config.replacement
-    return vectors * head_dim * elem_size + 4
+def _far_field_clusters(config: MultipoleConfig, scored: torch.Tensor) -> torch.Tensor:
+    """Value centroids a step reads for the far field, out of ``scored`` live centroids:
+    ``far_field_share`` of them (rounded, at least one), none without the far field."""
+    if not config.replacement:
+        return torch.zeros_like(scored)
+    share = torch.round(scored.to(torch.float64) * config.far_field_share).to(scored.dtype)
+    return torch.minimum(share.clamp_min(1), scored)
+
+
+def _metadata_bytes(
+    config: MultipoleConfig,
+    scored: torch.Tensor,
+    head_dim: int,
+    elem_size: int,
+    separate_attention_keys: bool,
+) -> torch.Tensor:
+    """Bytes of centroid data read per (sequence, KV head): every scored key centroid and its
+    4-byte size, and the value centroids of the far field (with as many attention-key
+    centroids when those are kept apart)."""
+    far = _far_field_clusters(config, scored) * (2 if separate_attention_keys else 1)
+    return (scored + far) * head_dim * elem_size + scored * 4
+
+
+def _best(score: torch.Tensor, include: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``[B, H, C]`` bool: the ``count [B, H]`` included entries of highest score per row
+    (ties by lower index)."""
+    ranked = score.masked_fill(~include, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    return include & (rank < count.unsqueeze(-1))
 
 
 def _rank_in_cluster(labels: torch.Tensor) -> torch.Tensor:

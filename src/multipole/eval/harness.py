@@ -33,9 +33,20 @@ from .decoding import Run, generate, teacher_forced
 from .fidelity import attention_fidelity, capture_attention_inputs
 
 TASKS = ("fidelity", "perplexity", "retrieval", "gsm")
-METHODS = ("multipole", "multipole_2level", "centroid_only", "quest", "oracle_topk", "window")
+METHODS = (
+    "multipole",
+    "multipole_partial",
+    "multipole_2level",
+    "centroid_only",
+    "quest",
+    "oracle_topk",
+    "window",
+)
 # Eval methods that are a baseline method with a fixed variant of the config.
-VARIANT_OF = {"multipole_2level": "multipole"}
+VARIANT_OF = {"multipole_2level": "multipole", "multipole_partial": "multipole"}
+# far_field_share of multipole_partial: the best of 0.1 / 0.25 in the simulated far field over
+# the best unselected clusters (benchmarks/experiment_partial_far_field.py, Qwen 16K, 1/32)
+PARTIAL_FAR_FIELD_SHARE = 0.1
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 # Short contexts need a short recent window to reach small read fractions.
 EVAL_BASE = MultipoleConfig(sink_tokens=4, interval=32, block_size=8192)
@@ -80,7 +91,9 @@ def method_config(
 
     ``multipole_2level`` is the two-level hierarchy: coarse centroids (1/128 of the tokens)
     scored everywhere, fine ones (1/16) only under the coarse clusters covering
-    ``4 * fraction`` of the tokens (the best of a small grid on SmolLM2 fidelity at 1/16)."""
+    ``4 * fraction`` of the tokens (the best of a small grid on SmolLM2 fidelity at 1/16);
+    ``multipole_partial`` keeps the far field to the ``PARTIAL_FAR_FIELD_SHARE`` of the
+    clusters of largest estimated mass, the value-centroid bytes saved buying exact tokens."""
     base = dataclasses.replace(settings.base, position_free_keys=settings.position_free_keys)
     if method == "multipole_2level":
         base = dataclasses.replace(
@@ -94,6 +107,8 @@ def method_config(
         base = dataclasses.replace(
             base, centroid_ratio=min(1 / 16, settings.metadata_share * fraction)
         )
+        if method == "multipole_partial":
+            base = dataclasses.replace(base, far_field_share=PARTIAL_FAR_FIELD_SHARE)
     try:
         return budget_for_read_fraction(
             VARIANT_OF.get(method, method),
