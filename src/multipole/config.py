@@ -66,7 +66,7 @@ class MultipoleConfig:
             far field (at least one): those of largest estimated attention mass among the
             clusters with tokens left after selection; the other unselected clusters are
             dropped. 1.0 (default) is the paper's far field over every unselected cluster.
-            Values below 1 need ``levels == 1`` and run on the PyTorch path (no fused kernel).
+            Values below 1 need ``levels == 1``.
         far_field_keys: key centroids used for the far-field logits: ``"clustering"`` scores
             the clustering-key centroids with the lookup query (the paper's code);
             ``"attention"`` uses the means of the attention keys with the attention query.
@@ -85,7 +85,7 @@ class MultipoleConfig:
         backend: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels: CUDA, or
             the CPU under ``TRITON_INTERPRET=1``), or ``"auto"``: Triton on CUDA where the
             kernels cover the call (``levels == 1``, a float16/bfloat16/float32 cache, far field
-            over every cluster from the lookup query), the reference otherwise.
+            from the lookup query), the reference otherwise.
     """
 
     centroid_ratio: float = 1 / 16

@@ -1,4 +1,5 @@
-"""The fused decode step: six Triton launches, no host synchronisation, fixed shapes.
+"""The fused decode step: six Triton launches (eight with a partial far field), no host
+synchronisation, fixed shapes.
 
 1. centroid pass (``ops/lookup/kernel.py``): logits of the group against every centroid and
    the far-field softmax state over all clusters, in one read of the centroids, split over
@@ -15,6 +16,13 @@
    index per token before its key and value; each selected token also removes its cluster's
    far-field term (``(e^x - e^z) v``), so no second pass over the selected centroids;
 6. log-sum-exp merge of the splits and the far field.
+
+With a partial far field (``far_field_share < 1``) pass 1 reads no value centroids; the
+selection also writes each cluster's estimated mass (score x tokens left), ``_band_kernel``
+(one program per row) finds the ``far_count`` largest by bisection, and
+``_band_far_field_kernel`` (split over programs) adds their far field, reading only their
+value centroids, into slots after the exact pass's, and sets the other clusters' logits to
+``-inf`` so the exact pass removes no far-field term for their selected tokens.
 
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
 ``levels == 1`` (up to the rounding of the scores), reading the tokens of a cluster
@@ -173,6 +181,7 @@ def fused_decode(
     max_recent: int,
     scale: float,
     replacement: bool,
+    far_count: torch.Tensor | None = None,
     tuning: Tuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Multipole decode step on the GPU (or the Triton interpreter).
@@ -186,13 +195,22 @@ def fused_decode(
         max_budget: an upper bound of ``budget`` (sizes the buffers; no sync).
         sink_tokens: sink length; max_recent: bound of the recent window (``2 * interval``).
         scale: softmax scale; replacement: add the far field.
+        far_count: ``[B, H_kv]`` int32 (with ``replacement``): a partial far field over this
+            many of the clusters with tokens left, those of largest estimated mass
+            (``far_field_share``); None: over every cluster.
         tuning: launch shapes (default :data:`TUNING`).
     Returns:
         ``out [B, H_kv, G, D]`` (cache dtype), ``lse [B, H_kv, G]`` float32, ``count [B, H_kv]``
         tokens attended exactly and ``num_selected [B, H_kv]`` clusters selected.
     """
     from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
-    from .ops.lookup.kernel import _centroid_pass_kernel, _score_kernel, _select_kernel
+    from .ops.lookup.kernel import (
+        _band_far_field_kernel,
+        _band_kernel,
+        _centroid_pass_kernel,
+        _score_kernel,
+        _select_kernel,
+    )
 
     for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
         if not t.is_contiguous():
@@ -207,6 +225,8 @@ def fused_decode(
     native = native_dot(q.dtype)
     f32, i32 = torch.float32, torch.int32
     buf = layout.buffer
+    partial = replacement and far_count is not None
+    full_far = replacement and not partial  # the far field of every cluster, from pass 1
 
     # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
     per_c, splits_c = _per_split(
@@ -215,7 +235,7 @@ def fused_decode(
     z = buf("z", (b, h, g, num_clusters), f32)
     m_c = buf("m_c", (rows, splits_c, g), f32)
     l_c = buf("l_c", (rows, splits_c, g), f32)
-    acc_c = buf("acc_c", (rows, splits_c, g, d), f32) if replacement else m_c
+    acc_c = buf("acc_c", (rows, splits_c, g, d), f32) if full_far else m_c
     _centroid_pass_kernel[(rows, splits_c)](
         lookup_q,
         layout.key_centroids,
@@ -234,7 +254,7 @@ def fused_decode(
         BLOCK_G=block_g,
         BLOCK_C=BLOCK_C,
         BLOCK_D=block_d,
-        WITH_FAR=replacement,
+        WITH_FAR=full_far,
         NATIVE_DOT=native,
         num_warps=4,
     )
@@ -280,9 +300,10 @@ def fused_decode(
         CHUNK=SCORE_CHUNK,
         FAR_SLICE=min(FAR_SLICE, block_d),
         FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
-        WITH_FAR=replacement,
+        WITH_FAR=full_far,
         num_warps=4,
     )
+    mass = buf("mass", (rows, num_clusters), f32) if partial else score
     _select_kernel[(rows,)](
         score,
         hist,
@@ -296,6 +317,7 @@ def fused_decode(
         sel_cluster,
         count,
         num_selected,
+        mass,
         h,
         num_clusters,
         list_capacity,
@@ -304,6 +326,7 @@ def fused_decode(
         HIST_BINS=HIST_BINS,
         TILE=tile,
         MAX_STEPS=MAX_BISECT_STEPS,
+        WITH_MASS=partial,
         num_warps=tune.select_warps,
     )
 
@@ -346,12 +369,56 @@ def fused_decode(
         -(-max(block_n, tune.exact_min_split) // block_n) * block_n,
         _target_programs(dev, tune.exact_programs_per_sm),
     )
-    m_e = buf("m_e", (rows, splits_n, g), f32)
-    l_e = buf("l_e", (rows, splits_n, g), f32)
-    acc_e = buf("acc_e", (rows, splits_n, g, d), f32)
+    # a partial far field: its clusters' state fills slots after the exact splits
+    per_f, splits_f = (
+        _per_split(
+            num_clusters, rows, BLOCK_C, _target_programs(dev, tune.centroid_programs_per_sm)
+        )
+        if partial
+        else (0, 0)
+    )
+    slots = splits_n + splits_f
+    m_e = buf("m_e", (rows, slots, g), f32)
+    l_e = buf("l_e", (rows, slots, g), f32)
+    acc_e = buf("acc_e", (rows, slots, g, d), f32)
+    if partial:
+        band_cut = buf("band_cut", (rows, 2), f32)
+        band_tie = buf("band_tie", (rows,), i32)
+        _band_kernel[(rows,)](
+            mass,
+            far_count,
+            band_cut,
+            band_tie,
+            num_clusters,
+            TILE=tile,
+            MAX_STEPS=MAX_BISECT_STEPS,
+            num_warps=tune.select_warps,
+        )
+        _band_far_field_kernel[(rows, splits_f)](
+            z,
+            layout.value_centroids,
+            layout.sizes,
+            mass,
+            band_cut,
+            band_tie,
+            m_e,
+            l_e,
+            acc_e,
+            num_clusters,
+            g,
+            per_f,
+            splits_n,
+            slots,
+            HEAD_DIM=d,
+            BLOCK_G=block_g,
+            BLOCK_C=BLOCK_C,
+            BLOCK_D=block_d,
+            NATIVE_DOT=native,
+            num_warps=4,
+        )
     out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
     lse = torch.empty(b, h, g, device=dev, dtype=f32)
-    split_pad_n = _pow2(splits_n, 2)
+    split_pad_n = _pow2(slots, 2)
     _sparse_decode_kernel[(rows, splits_n)](
         q,
         keys,
@@ -374,7 +441,7 @@ def fused_decode(
         sink_tokens,
         exact_capacity,
         per_n,
-        splits_n,
+        slots,
         HEAD_DIM=d,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
@@ -394,13 +461,13 @@ def fused_decode(
         out,
         lse,
         g,
-        splits_n,
+        slots,
         HEAD_DIM=d,
         BLOCK_G=rows_g,
         BLOCK_D=merge_d,
         SPLIT_PAD=split_pad_n,
         SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
-        WITH_FAR=replacement,
+        WITH_FAR=full_far,
         num_warps=4,
     )
     return out, lse, count.view(b, h), num_selected.view(b, h)

@@ -539,7 +539,6 @@ class MultipoleState(DecodeState):
             cfg.levels == 1
             and self.index.level0.attention_key_centroids is None
             and (far_from_lookup or not cfg.replacement)
-            and (cfg.far_field_share == 1 or not cfg.replacement)
             and self.dtype != torch.float64
         )
         if cfg.backend == "reference":
@@ -553,8 +552,7 @@ class MultipoleState(DecodeState):
             if not supported:
                 raise ValueError(
                     "backend='triton' supports levels=1, float16/bfloat16/float32 caches and a far "
-                    "field over every cluster (far_field_share=1) from the lookup query; use "
-                    "backend='reference' or 'auto' for this state"
+                    "field from the lookup query; use backend='reference' or 'auto' for this state"
                 )
             return "triton"
         return (
@@ -571,6 +569,14 @@ class MultipoleState(DecodeState):
         # a budget past the middle region selects the same clusters: clamp it, so buffers
         # are sized by what can be read
         budgets = [min(cfg.budget_tokens(n), n) for n in self.clustered_len]
+        # what depends on the index and the config only is computed once per layout
+        far = f"{cfg.replacement}_{cfg.far_field_share}"
+        far_count = None
+        if cfg.replacement and cfg.far_field_share < 1:
+            far_count = layout.cached(
+                f"far_count_{far}",
+                lambda: _far_field_clusters(cfg, layout.live).to(torch.int32).contiguous(),
+            )
         out, lse, count, selected = fused_decode(
             q.contiguous(),
             lookup_q.contiguous(),
@@ -585,13 +591,14 @@ class MultipoleState(DecodeState):
             max_recent=2 * cfg.interval,
             scale=scale,
             replacement=cfg.replacement,
+            far_count=far_count,
         )
         reads = Reads(
             tokens_exact=count,
             clusters_selected=selected,
             centroids_scored=layout.live,
             metadata_bytes=layout.cached(
-                "metadata_bytes",
+                f"metadata_bytes_{far}",
                 lambda: _metadata_bytes(
                     cfg, layout.live, self.head_dim, self._keys.element_size(), False
                 ),

@@ -38,13 +38,18 @@ def _run(state: MultipoleState, q: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 CASES = [
-    # (batch, lengths, kv heads, group, head dim, dtype, replacement, budget)
-    (2, [1500, 1100], 2, 4, 32, torch.float32, True, 96),
-    (2, [1500, 1100], 2, 4, 32, torch.float32, False, 96),
-    (3, [700, 1, 333], 1, 8, 64, torch.float32, True, 48),  # MQA, a one-token sequence
-    (1, [900], 4, 1, 16, torch.float16, True, 200),  # MHA
-    (2, [640, 999], 2, 2, 32, torch.float32, True, 10**6),  # budget >= context: dense
-    (1, [800], 2, 4, 32, torch.float32, True, 0),  # nothing selected: far field only
+    # (batch, lengths, kv heads, group, head dim, dtype, far_field_share (None: no far
+    # field), budget)
+    (2, [1500, 1100], 2, 4, 32, torch.float32, 1.0, 96),
+    (2, [1500, 1100], 2, 4, 32, torch.float32, None, 96),
+    (2, [1500, 1100], 2, 4, 32, torch.float32, 0.1, 96),  # a partial far field
+    (3, [700, 1, 333], 1, 8, 64, torch.float32, 1.0, 48),  # MQA, a one-token sequence
+    (3, [700, 1, 333], 1, 8, 64, torch.float32, 0.3, 48),
+    (1, [900], 4, 1, 16, torch.float16, 1.0, 200),  # MHA
+    (1, [900], 4, 1, 16, torch.float16, 0.5, 200),
+    (2, [640, 999], 2, 2, 32, torch.float32, 1.0, 10**6),  # budget >= context: dense
+    (1, [800], 2, 4, 32, torch.float32, 1.0, 0),  # nothing selected: far field only
+    (1, [800], 2, 4, 32, torch.float32, 0.2, 0),
 ]
 
 
@@ -52,15 +57,17 @@ CASES = [
     "case",
     CASES,
     ids=[
-        f"B{c[0]}-T{max(c[1])}-Hkv{c[2]}-G{c[3]}-D{c[4]}-{str(c[5])[6:]}-far{int(c[6])}-bud{c[7]}"
+        f"B{c[0]}-T{max(c[1])}-Hkv{c[2]}-G{c[3]}-D{c[4]}-{str(c[5])[6:]}-far{c[6]}-bud{c[7]}"
         for c in CASES
     ],
 )
 def test_fused_matches_reference(gen, case, kernel_device):
-    b, lengths, h, g, d, dtype, replacement, budget = case
+    b, lengths, h, g, d, dtype, share, budget = case
     device = kernel_device
     k, v = _planted(gen, b, h, max(lengths), d, dtype)
-    cfg = dataclasses.replace(BASE, replacement=replacement, token_budget=budget)
+    cfg = dataclasses.replace(
+        BASE, replacement=share is not None, far_field_share=share or 1.0, token_budget=budget
+    )
     state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=lengths)
     q = (torch.randn(b, h * g, d, generator=gen) * 2).to(dtype).to(device)
     # The kernels read centroids in the cache dtype: give the reference the same rounding, so
@@ -73,20 +80,21 @@ def test_fused_matches_reference(gen, case, kernel_device):
     out = _run(state, q, "triton")
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < REL_TOL[dtype]
-    assert torch.equal(state._reads.tokens_exact.cpu(), ref_reads.tokens_exact.cpu())
-    assert torch.equal(state._reads.clusters_selected.cpu(), ref_reads.clusters_selected.cpu())
-    # the budget is filled to the token (the boundary cluster gives the rest), not to the
-    # last whole cluster that fits
+    for name in ("tokens_exact", "clusters_selected", "metadata_bytes"):
+        got, expected = getattr(state._reads, name), getattr(ref_reads, name)
+        assert got.cpu().tolist() == expected.cpu().tolist(), name
     filled = [n - c + min(budget, c) for n, c in zip(lengths, state.clustered_len, strict=True)]
     assert ref_reads.tokens_exact.cpu().tolist() == [[t] * h for t in filled]
     if budget >= max(lengths):
         assert rel_err(out, dense_attention(q, k.to(device), v.to(device), lengths=lengths)) < 1e-5
 
 
-def test_fused_follows_appends_and_online_updates(gen, kernel_device):
+@pytest.mark.parametrize("share", [1.0, 0.2])
+def test_fused_follows_appends_and_online_updates(gen, kernel_device, share):
     device = kernel_device
     k, v = _planted(gen, 2, 2, 600, 32, torch.float32)
-    state = MultipoleState.prefill(k.to(device), v.to(device), BASE, lengths=[600, 450])
+    cfg = dataclasses.replace(BASE, far_field_share=share)
+    state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=[600, 450])
     for _ in range(3):
         nk, nv = _planted(gen, 2, 2, 40, 32, torch.float32)
         state.append(nk.to(device), nv.to(device))
@@ -259,3 +267,30 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
     if kind == "spread":  # with ties (also the 5 equal dominant clusters of "far") the
         # clusters tied with the boundary one give nothing
         assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]
+
+
+@pytest.mark.parametrize("tile", [16, 64], ids=["tiles4", "tile1"])
+def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, kernel_device, tile):
+    """``_band_kernel`` picks what the reference's ``_best`` picks, on masses with many ties,
+    rows asking for more clusters than have tokens left and a row with none left."""
+    from multipole.ops.lookup.kernel import _band_kernel
+    from multipole.state import _best
+
+    rows, clusters = 5, 50
+    mass = torch.randint(0, 6, (rows, clusters), generator=gen).float() * 0.5 - 1.0
+    mass[torch.rand(rows, clusters, generator=gen) < 0.2] = float("-inf")  # nothing left
+    mass[3] = float("-inf")
+    want = torch.tensor([1, 7, 50, 3, 20], dtype=torch.int32)
+    cut = torch.full((rows, 2), float("nan"))
+    tie = torch.full((rows,), -7, dtype=torch.int32)
+    dev = kernel_device
+    cut, tie = cut.to(dev), tie.to(dev)
+    _band_kernel[(rows,)](mass.to(dev), want.to(dev), cut, tie, clusters, TILE=tile, MAX_STEPS=64)
+    cut, tie = cut.cpu(), tie.cpu()
+    ids = torch.arange(clusters)
+    got = (mass > cut[:, :1]) | ((mass == cut[:, 1:]) & (ids <= tie[:, None]))
+    got &= mass > float("-inf")
+    live = mass > float("-inf")
+    expected = _best(mass[:, None], live[:, None], want[:, None].long())[:, 0]
+    assert torch.equal(got, expected)
+    assert got.sum(-1).tolist() == torch.minimum(want, live.sum(-1)).tolist()

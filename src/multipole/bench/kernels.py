@@ -103,9 +103,12 @@ def graph_of(fn):
 def bench_step(
     context: int, batch: int, budget: int | float, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """Rows of one configuration: dense SDPA, multipole and centroid-only (checked, timed).
-    Every tensor it makes is local, so all is freed when it returns."""
+    """Rows of one configuration: dense SDPA, multipole, multipole with a partial far field
+    (``far_field_share`` of ``multipole eval``'s ``multipole_partial``) and centroid-only
+    (checked, timed). Every tensor it makes is local, so all is freed when it returns."""
     from triton.testing import do_bench
+
+    from ..eval.harness import PARTIAL_FAR_FIELD_SHARE
 
     gen = torch.Generator(device="cuda").manual_seed(context + batch)
     shape = (batch, H_KV, context, HEAD_DIM)
@@ -134,8 +137,13 @@ def bench_step(
     prefill_ms = start.elapsed_time(end)
     del k, v, sdpa  # the state holds its own copy: one KV less at the reference check
 
-    for name, replacement in (("multipole", True), ("centroid_only", False)):
-        state.config = dataclasses.replace(cfg, replacement=replacement, backend="triton")
+    variants = {
+        "multipole": dict(replacement=True),
+        "multipole_partial": dict(replacement=True, far_field_share=PARTIAL_FAR_FIELD_SHARE),
+        "centroid_only": dict(replacement=False),
+    }
+    for name, variant in variants.items():
+        state.config = dataclasses.replace(cfg, backend="triton", **variant)
         fused = state.attend(q)
         stats = state.stats()
         state.config = dataclasses.replace(state.config, backend="reference")
@@ -314,7 +322,11 @@ def plot(report: dict[str, Any], path: str) -> None:
     for ax, context in zip(axes[0], contexts, strict=True):
         ax.axhline(1.0, color="gray", linestyle=":", label="SDPA (dense)")
         for i, budget in enumerate(budgets):
-            for method, style in (("multipole", "o-"), ("centroid_only", "s--")):
+            for method, style in (
+                ("multipole", "o-"),
+                ("multipole_partial", "^-."),
+                ("centroid_only", "s--"),
+            ):
                 mine = [
                     r
                     for r in rows

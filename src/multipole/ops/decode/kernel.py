@@ -123,7 +123,9 @@ def _sparse_decode_kernel(
     NATIVE_DOT: tl.constexpr,
 ):
     """Split ``split`` of one row: slots ``split * tokens_per_split ..`` (sink and recent
-    window first, then the selected tokens at the positions ``_expand_kernel`` wrote)."""
+    window first, then the selected tokens at the positions ``_expand_kernel`` wrote). Its
+    state goes to partial slot ``split`` of the row's ``num_splits`` (more than the grid's
+    splits when a partial far field fills the slots after them)."""
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // num_kv_heads

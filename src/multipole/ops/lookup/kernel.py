@@ -272,6 +272,7 @@ def _select_kernel(
     SEL_CLUSTER,
     COUNT,
     NUM_SELECTED,
+    MASS,
     num_kv_heads,
     num_clusters,
     list_capacity,
@@ -281,6 +282,7 @@ def _select_kernel(
     HIST_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
+    WITH_MASS: tl.constexpr,
 ):
     """Budget selection of one (sequence, KV head) per program: the largest set
     ``{score > t}`` whose sizes fit in the budget, found in the histogram's boundary bin by
@@ -291,7 +293,8 @@ def _select_kernel(
     For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
     slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
     ``s`` is ``ORDER[SEL_BASE[r] + s]``) and ``SEL_CLUSTER[r]``; then ``COUNT`` (sink, recent
-    window and selected tokens) and ``NUM_SELECTED``.
+    window and selected tokens) and ``NUM_SELECTED``. ``WITH_MASS`` (a partial far field): also
+    ``MASS[c] = score + log(tokens left)`` of every cluster with tokens left, else ``-inf``.
     """
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_kv_heads
@@ -378,6 +381,12 @@ def _select_kernel(
         tl.store(SEL_FIRST + list_base + rank, first, mask=selected)
         tl.store(SEL_BASE + list_base + rank, offset - first, mask=selected)
         tl.store(SEL_CLUSTER + list_base + rank, cs, mask=selected)
+        if WITH_MASS:
+            left = w_all - sel_w
+            mass = tl.where(
+                left > 0, s_all + tl.log(tl.maximum(left, 1).to(tl.float32)), float("-inf")
+            )
+            tl.store(MASS + row + cs, mass, mask=cs < num_clusters)
         rank0 += tl.sum(selected.to(tl.int32))
         slot0 += tl.sum(sel_w)
 
@@ -386,3 +395,176 @@ def _select_kernel(
     num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)
     tl.store(COUNT + bh, (num_exact + slot0).to(tl.int32))
     tl.store(NUM_SELECTED + bh, rank0.to(tl.int32))
+
+
+@triton.jit
+def _mass_tile(MASS, row, c0, num_clusters, TILE: tl.constexpr):
+    """Masses of clusters ``c0 .. c0 + TILE`` of a row and a count weight (1 where finite)."""
+    cs = c0 + tl.arange(0, TILE)
+    s = tl.load(MASS + row + cs, mask=cs < num_clusters, other=float("-inf"))
+    return s, (s > float("-inf")).to(tl.int32)
+
+
+@triton.jit
+def _combine_range(max1, min1, max2, min2):
+    return tl.maximum(max1, max2), tl.minimum(min1, min2)
+
+
+@triton.jit
+def _band_kernel(
+    MASS,
+    FAR_COUNT,
+    BAND_CUT,
+    BAND_TIE,
+    num_clusters,
+    TILE: tl.constexpr,
+    MAX_STEPS: tl.constexpr,
+):
+    """The clusters of a partial far field, one (sequence, KV head) per program: the
+    ``FAR_COUNT`` largest finite ``MASS`` values (ties by lower index, as ``torch.sort``
+    stable), found by bisection on the values as ``_select_kernel`` does with counts for
+    sizes. Writes ``BAND_CUT = (t, v)`` and ``BAND_TIE = i``: cluster ``c`` is in the far field
+    iff ``mass > t`` or (``mass == v`` and ``c <= i``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    row = bh * num_clusters
+    want = tl.load(FAR_COUNT + bh)
+    one_tile = num_clusters <= TILE
+    s_all, w_all = _mass_tile(MASS, row, 0, num_clusters, TILE)
+    total = tl.sum(w_all)
+    b_max, b_min = tl.reduce(
+        (tl.where(w_all > 0, s_all, float("-inf")), tl.where(w_all > 0, s_all, float("inf"))),
+        0,
+        _combine_range,
+    )
+    if not one_tile:
+        for c0 in range(TILE, num_clusters, TILE):
+            s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
+            total += tl.sum(w)
+            max_t, min_t = tl.reduce(
+                (tl.where(w > 0, s, float("-inf")), tl.where(w > 0, s, float("inf"))),
+                0,
+                _combine_range,
+            )
+            b_max = tl.maximum(b_max, max_t)
+            b_min = tl.minimum(b_min, min_t)
+
+    threshold = tl.full((), float("-inf"), tl.float32)
+    tie_value = tl.full((), float("-inf"), tl.float32)
+    tie_last = tl.full((), -1, tl.int32)
+    if total > want:
+        # Invariant: {s > hi} has at most `want` members, {s > lo} more; the undecided values,
+        # those in (lo, hi], span [b_min, b_max].
+        lo = tl.full((), float("-inf"), tl.float32)
+        hi = b_max
+        whole = tl.full((), 0, tl.int32)  # the count of {s > hi}
+        steps = tl.full((), 0, tl.int32)
+        while (b_min < b_max) & (steps < MAX_STEPS):
+            mid = 0.5 * b_min + 0.5 * b_max
+            mid = tl.where(mid >= b_max, b_min, mid)
+            heavy, lower, upper = _bisect_stats(s_all, w_all, lo, mid, hi)
+            if not one_tile:
+                for c0 in range(TILE, num_clusters, TILE):
+                    s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
+                    h_t, l_t, u_t = _bisect_stats(s, w, lo, mid, hi)
+                    heavy += h_t
+                    lower = tl.maximum(lower, l_t)
+                    upper = tl.minimum(upper, u_t)
+            fits = heavy <= want
+            hi = tl.where(fits, mid, hi)
+            whole = tl.where(fits, heavy, whole)
+            b_max = tl.where(fits, lower, b_max)
+            lo = tl.where(fits, lo, mid)
+            b_min = tl.where(fits, b_min, upper)
+            steps += 1
+        threshold = hi
+        tie_value = b_max
+        # the first `want - whole` clusters (by index) of value `b_max` complete the far field
+        need = want - whole
+        cs0 = tl.arange(0, TILE)
+        seen = tl.full((), 0, tl.int32)
+        for c0 in range(0, num_clusters, TILE):
+            s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
+            tie = ((s == tie_value) & (w > 0)).to(tl.int32)
+            running = seen + tl.cumsum(tie, 0)
+            last = tl.max(tl.where((tie > 0) & (running <= need), c0 + cs0, -1))
+            tie_last = tl.maximum(tie_last, last)
+            seen += tl.sum(tie)
+    tl.store(BAND_CUT + 2 * bh, threshold)
+    tl.store(BAND_CUT + 2 * bh + 1, tie_value)
+    tl.store(BAND_TIE + bh, tie_last)
+
+
+@triton.jit
+def _band_far_field_kernel(
+    Z,
+    VC,
+    SIZES,
+    MASS,
+    BAND_CUT,
+    BAND_TIE,
+    M_PART,
+    L_PART,
+    ACC_PART,
+    num_clusters,
+    group,
+    clusters_per_split,
+    first_slot,
+    num_slots,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):
+    """The far field of a partial far field's clusters (``_band_kernel``), split over
+    programs: each cluster in it adds ``N e^z Vc`` (its value centroid is read only then); the
+    partial state goes to slot ``first_slot + split`` of the row's ``num_slots`` (after the
+    exact pass's, which the merge then combines). Clusters outside get ``z = -inf``, so the
+    exact pass removes no far-field term for their selected tokens."""
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_g = offs_g < group
+    mask_d = offs_d < HEAD_DIM
+    cut = tl.load(BAND_CUT + 2 * bh)
+    tie_value = tl.load(BAND_CUT + 2 * bh + 1)
+    tie_last = tl.load(BAND_TIE + bh)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    start = split * clusters_per_split
+    for c0 in range(start, start + clusters_per_split, BLOCK_C):
+        cs = c0 + offs_c
+        mask_c = cs < num_clusters
+        rows = bh * num_clusters + cs
+        mass = tl.load(MASS + rows, mask=mask_c, other=float("-inf"))
+        in_far = (mass > cut) | ((mass == tie_value) & (cs <= tie_last))
+        in_far = in_far & (mass > float("-inf")) & mask_c
+        z_ptr = Z + (bh * group + offs_g[:, None]) * num_clusters + cs[None, :]
+        mask_gc = mask_g[:, None] & mask_c[None, :]
+        z = tl.load(z_ptr, mask=mask_gc & in_far[None, :], other=float("-inf"))
+        tl.store(z_ptr, z, mask=mask_gc & ~in_far[None, :])
+        n = tl.load(SIZES + rows, mask=in_far, other=0).to(tl.float32)
+        m, den, p, alpha = softmax_update(m, den, z, n[None, :])
+        vc = tl.load(
+            VC + rows[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=in_far[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + dot(p.to(vc.dtype), vc, NATIVE_DOT)
+    store_partial(
+        M_PART,
+        L_PART,
+        ACC_PART,
+        bh * num_slots + first_slot + split,
+        group,
+        m,
+        den,
+        acc,
+        HEAD_DIM,
+        BLOCK_G,
+        BLOCK_D,
+        True,
+    )
