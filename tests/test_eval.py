@@ -23,7 +23,7 @@ from multipole.eval import (  # noqa: E402
     run_eval,
     teacher_forced,
 )
-from multipole.eval.harness import runs_for, token_agreement  # noqa: E402
+from multipole.eval.harness import PARTIAL_FAR_FIELD_SHARE, runs_for, token_agreement  # noqa: E402
 from multipole.synthetic import PlantedKV  # noqa: E402
 
 SMALL_BASE = MultipoleConfig(sink_tokens=4, interval=32, block_size=256, backend="reference")
@@ -66,7 +66,10 @@ def test_unreachable_fractions_are_skipped_not_faked():
 
 @pytest.mark.parametrize(
     ("variant", "field", "value"),
-    [("multipole_2level", "levels", 2), ("multipole_partial", "far_field_share", 0.1)],
+    [
+        ("multipole_2level", "levels", 2),
+        ("multipole_partial", "far_field_share", PARTIAL_FAR_FIELD_SHARE),
+    ],
 )
 def test_multipole_variants_read_their_fraction(gen, variant, field, value):
     """``multipole_2level`` (the hierarchy) and ``multipole_partial`` (a far field over the

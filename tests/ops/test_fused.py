@@ -273,11 +273,15 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
 def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, kernel_device, tile):
     """``_band_kernel`` picks what the reference's ``_best`` picks, on masses with many ties,
     rows asking for more clusters than have tokens left and a row with none left."""
+    from multipole.fused import HIST_BINS, HIST_RANGE
     from multipole.ops.lookup.kernel import _band_kernel
     from multipole.state import _best
 
     rows, clusters = 5, 50
+    # ties on a coarse grid, and values spread over more than the histogram's range
     mass = torch.randint(0, 6, (rows, clusters), generator=gen).float() * 0.5 - 1.0
+    spread = torch.rand(rows, clusters, generator=gen) < 0.4
+    mass[spread] = torch.randn(int(spread.sum()), generator=gen) * 30
     mass[torch.rand(rows, clusters, generator=gen) < 0.2] = float("-inf")  # nothing left
     mass[3] = float("-inf")
     want = torch.tensor([1, 7, 50, 3, 20], dtype=torch.int32)
@@ -285,7 +289,17 @@ def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, ker
     tie = torch.full((rows,), -7, dtype=torch.int32)
     dev = kernel_device
     cut, tie = cut.to(dev), tie.to(dev)
-    _band_kernel[(rows,)](mass.to(dev), want.to(dev), cut, tie, clusters, TILE=tile, MAX_STEPS=64)
+    _band_kernel[(rows,)](
+        mass.to(dev),
+        want.to(dev),
+        cut,
+        tie,
+        clusters,
+        HIST_BINS / HIST_RANGE,
+        HIST_BINS=HIST_BINS,
+        TILE=tile,
+        MAX_STEPS=64,
+    )
     cut, tie = cut.cpu(), tie.cpu()
     ids = torch.arange(clusters)
     got = (mass > cut[:, :1]) | ((mass == cut[:, 1:]) & (ids <= tie[:, None]))
