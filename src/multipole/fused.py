@@ -19,7 +19,7 @@ synchronisation, fixed shapes.
 
 With a partial far field (``far_field_share < 1``) pass 1 reads no value centroids; the
 selection also writes each cluster's estimated mass (score x tokens left), ``_band_kernel``
-(one program per row) finds the ``far_count`` largest (histogram, then bisection), and
+(one program per row) finds the ``far_count`` largest by bisection, and
 ``_band_far_field_kernel`` (split over programs) adds their far field, reading only their
 value centroids, into slots after the exact pass's, and sets the other clusters' logits to
 ``-inf`` so the exact pass removes no far-field term for their selected tokens.
@@ -390,8 +390,6 @@ def fused_decode(
             band_cut,
             band_tie,
             num_clusters,
-            hist_args[1],
-            HIST_BINS=HIST_BINS,
             TILE=tile,
             MAX_STEPS=MAX_BISECT_STEPS,
             num_warps=tune.select_warps,

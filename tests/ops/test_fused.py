@@ -273,7 +273,6 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
 def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, kernel_device, tile):
     """``_band_kernel`` picks what the reference's ``_best`` picks, on masses with many ties,
     rows asking for more clusters than have tokens left and a row with none left."""
-    from multipole.fused import HIST_BINS, HIST_RANGE
     from multipole.ops.lookup.kernel import _band_kernel
     from multipole.state import _best
 
@@ -295,8 +294,6 @@ def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, ker
         cut,
         tie,
         clusters,
-        HIST_BINS / HIST_RANGE,
-        HIST_BINS=HIST_BINS,
         TILE=tile,
         MAX_STEPS=64,
     )

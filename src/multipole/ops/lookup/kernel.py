@@ -406,61 +406,57 @@ def _mass_tile(MASS, row, c0, num_clusters, TILE: tl.constexpr):
 
 
 @triton.jit
+def _combine_range(max1, min1, max2, min2):
+    return tl.maximum(max1, max2), tl.minimum(min1, min2)
+
+
+@triton.jit
 def _band_kernel(
     MASS,
     FAR_COUNT,
     BAND_CUT,
     BAND_TIE,
     num_clusters,
-    hist_scale,
-    HIST_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
 ):
     """The clusters of a partial far field, one (sequence, KV head) per program: the
     ``FAR_COUNT`` largest finite ``MASS`` values (ties by lower index, as ``torch.sort``
-    stable), found as ``_select_kernel`` finds its threshold, with counts for sizes: the bin
-    of a histogram of masses below the row's largest where the count passes, then bisection on
-    the values of that bin. Writes ``BAND_CUT = (t, v)`` and ``BAND_TIE = i``: cluster ``c`` is
-    in the far field iff ``mass > t`` or (``mass == v`` and ``c <= i``)."""
+    stable), found by bisection on the values as ``_select_kernel`` does with counts for
+    sizes. Writes ``BAND_CUT = (t, v)`` and ``BAND_TIE = i``: cluster ``c`` is in the far field
+    iff ``mass > t`` or (``mass == v`` and ``c <= i``)."""
     bh = tl.program_id(0).to(tl.int64)
     row = bh * num_clusters
     want = tl.load(FAR_COUNT + bh)
     one_tile = num_clusters <= TILE
     s_all, w_all = _mass_tile(MASS, row, 0, num_clusters, TILE)
     total = tl.sum(w_all)
-    top = tl.max(s_all)
+    b_max, b_min = tl.reduce(
+        (tl.where(w_all > 0, s_all, float("-inf")), tl.where(w_all > 0, s_all, float("inf"))),
+        0,
+        _combine_range,
+    )
     if not one_tile:
         for c0 in range(TILE, num_clusters, TILE):
             s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
             total += tl.sum(w)
-            top = tl.maximum(top, tl.max(s))
+            max_t, min_t = tl.reduce(
+                (tl.where(w > 0, s, float("-inf")), tl.where(w > 0, s, float("inf"))),
+                0,
+                _combine_range,
+            )
+            b_max = tl.maximum(b_max, max_t)
+            b_min = tl.minimum(b_min, min_t)
 
     threshold = tl.full((), float("-inf"), tl.float32)
     tie_value = tl.full((), float("-inf"), tl.float32)
     tie_last = tl.full((), -1, tl.int32)
     if total > want:
-        # the histogram of the masses (clusters with nothing left fall in the last bin, after
-        # every live one, so they never move the bin where the count passes `want`)
-        hist = tl.histogram(_score_bin(s_all, top, hist_scale, HIST_BINS), HIST_BINS)
-        if not one_tile:
-            for c0 in range(TILE, num_clusters, TILE):
-                s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
-                hist += tl.histogram(_score_bin(s, top, hist_scale, HIST_BINS), HIST_BINS)
-        offs_h = tl.arange(0, HIST_BINS)
-        bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > want, offs_h, HIST_BINS))
         # Invariant: {s > hi} has at most `want` members, {s > lo} more; the undecided values,
-        # those in (lo, hi], span [b_min, b_max] (at first: the values of `bin_star`).
-        lo, b_max, b_min = _bin_stats(s_all, w_all, bin_star, top, hist_scale, HIST_BINS)
-        if not one_tile:
-            for c0 in range(TILE, num_clusters, TILE):
-                s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
-                lo_t, max_t, min_t = _bin_stats(s, w, bin_star, top, hist_scale, HIST_BINS)
-                lo = tl.maximum(lo, lo_t)
-                b_max = tl.maximum(b_max, max_t)
-                b_min = tl.minimum(b_min, min_t)
+        # those in (lo, hi], span [b_min, b_max].
+        lo = tl.full((), float("-inf"), tl.float32)
         hi = b_max
-        whole = tl.sum(tl.where(offs_h < bin_star, hist, 0))  # the count of {s > hi}
+        whole = tl.full((), 0, tl.int32)  # the count of {s > hi}
         steps = tl.full((), 0, tl.int32)
         while (b_min < b_max) & (steps < MAX_STEPS):
             mid = 0.5 * b_min + 0.5 * b_max
