@@ -43,19 +43,21 @@ def tiny_model_dir(tmp_path, gen):
     return path
 
 
-def test_demo_answers_with_both_methods_from_one_prefill(tiny_model_dir):
+def test_demo_answers_with_every_method_from_one_prefill(tiny_model_dir):
     settings = NeedleDemoSettings(
         model=str(tiny_model_dir), context=1500, read_fraction=1 / 4, max_new_tokens=6
     )
     report = run_needle_demo(settings)
-    dense, multipole = report["results"]
-    assert (dense["method"], multipole["method"]) == ("dense", "multipole")
+    dense, *sparse = report["results"]
+    assert [r["method"] for r in report["results"]] == ["dense", "multipole", "multipole_partial"]
     assert dense["read_fraction"] == 1.0 and dense["kl_to_dense"] == 0.0
-    assert 0.15 < multipole["read_fraction"] < 0.3  # the bytes it was given, centroids counted
-    assert multipole["kl_to_dense"] >= 0 and len(multipole["tokens"]) == 6
+    for row in sparse:
+        assert 0.15 < row["read_fraction"] < 0.3  # the bytes it was given, centroids counted
+        assert row["kl_to_dense"] >= 0 and len(row["tokens"]) == 6
+    assert report["settings"]["configs"]["multipole_partial"]["far_field_share"] < 1
     assert 1400 < report["prompt_tokens"] <= 1500 and report["expected"]
     table = format_needle_table(report)
-    assert "multipole" in table and "dense" in table
+    assert all(r["method"] in table for r in report["results"])
 
 
 def test_demo_and_eval_commands(tiny_model_dir, tmp_path, capsys):

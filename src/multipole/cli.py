@@ -58,9 +58,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         f"\nA {report['prompt_tokens']}-token prompt of essays hides the magic number "
         f"{report['expected'][0]} at depth {report['needle_depth']:.2f}; dense and Multipole "
-        f"Attention (at {settings.read_fraction:.2%} of the dense KV bytes, centroids counted) "
+        f"Attention (at {settings.read_fraction:.2%} of the dense KV bytes, centroids counted; "
+        "far field over every cluster, or over the 5% of largest mass: multipole_partial) "
         f"answer from one dense prefill ({report['prefill_s']:.1f} s). KL = mean KL(dense || "
-        "multipole) of the next-token distributions along the dense answer.\n"
+        "method) of the next-token distributions along the dense answer.\n"
     )
     print(format_needle_table(report))
     if args.json:
