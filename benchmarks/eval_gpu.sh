@@ -90,6 +90,13 @@ for name in "${runs[@]}"; do
     qwen_ppl16k_partial) eval_run qwen_ppl16k_partial 560 --tasks perplexity --context 16384 \
       --windows 2 --decode-tokens 2048 --fractions 1/32,1/16 \
       --methods multipole_partial,centroid_only ;;
+    partial_retrieval) eval_run partial_retrieval 300 --tasks retrieval --context 4096 \
+      --retrieval-samples 3 --retrieval-tasks niah_single,niah_multikey,variable_tracking \
+      --fractions 1/32,1/16 --methods multipole_partial,centroid_only ;;
+    qwen_partial_retrieval) eval_run qwen_partial_retrieval 500 --tasks retrieval \
+      --context 16384 --retrieval-samples 3 \
+      --retrieval-tasks niah_single,niah_multikey,variable_tracking --fractions 1/32,1/16 \
+      --methods multipole_partial,centroid_only ;;
     gsm) eval_run gsm 300 --tasks gsm --gsm-samples 8 --gsm-new-tokens 320 --fractions 1/16 \
       --methods multipole,multipole_2level,centroid_only,quest,window ;;
     *) echo "unknown run: $name"; exit 2 ;;

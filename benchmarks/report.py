@@ -77,13 +77,17 @@ def demo_table(report: dict) -> str:
 
 def needle_table(report: dict) -> str:
     s, env = report["settings"], report["environment"]
+    configs = s.get("configs") or {"multipole": s["config"]}  # one config before 2026-12-06
+    each = "; ".join(
+        f"{method}: centroid ratio 1/{round(1 / c['centroid_ratio'])}, budget "
+        f"{c['token_budget']} tokens, far_field_share {c.get('far_field_share', 1.0):g}"
+        for method, c in configs.items()
+    )
     lines = [
         f"{s['model']}, a {report['prompt_tokens']}-token prompt hiding the number "
-        f"{report['expected'][0]} at depth {report['needle_depth']:.2f}, multipole at "
-        f"{s['read_fraction']:.2%} of the dense KV bytes (centroid ratio "
-        f"1/{round(1 / s['config']['centroid_ratio'])}, budget {s['config']['token_budget']} "
-        f"tokens), on {env['device']}, torch {env['torch']}, {env['utc'][:10]}. "
-        f"Command: `{env['command']}`.",
+        f"{report['expected'][0]} at depth {report['needle_depth']:.2f}, every method at "
+        f"{s['read_fraction']:.2%} of the dense KV bytes ({each}), on {env['device']}, "
+        f"torch {env['torch']}, {env['utc'][:10]}. Command: `{env['command']}`.",
         "",
         "| method | answer | correct | first token s | decode tok/s | KV read | KL to dense |",
         "|---|---|---|---|---|---|---|",

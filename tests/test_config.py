@@ -274,7 +274,7 @@ INVALID = [
     pytest.param(
         {"far_field_share": 0.5, "levels": 2},
         ValueError,
-        ("MultipoleConfig.far_field_share", "1.0 with levels=2", "got 0.5"),
+        ("MultipoleConfig.far_field_share", "1.0 when levels=2", "got 0.5"),
         id="far_field_share_two_levels",
     ),
     pytest.param(

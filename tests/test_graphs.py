@@ -196,7 +196,7 @@ def test_emulated_replays_keep_the_state_right(gen, monkeypatch, extras):
                 s_.append(*(t.expand(-1, -1, 3, -1) for t in (k, v)), cluster_keys=ck3(ck))
         if i == 22:
             for s_ in (state, twin):
-                s_.config = dataclasses.replace(SMALL, token_budget=40)
+                s_.config = dataclasses.replace(SMALL, token_budget=40, far_field_share=0.2)
         k, v, ck, q, lq = _step_inputs(gen, 2, h, group, d, dtype, cluster=extras, lookup=extras)
         out = step(k, v, q, lookup_q=lq, scale=scale, cluster_keys=ck)
         outs.append(out)
@@ -246,7 +246,7 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
             events += 1
         if extras and i == 30:  # a config change between steps
             for s in (state, twin):
-                s.config = dataclasses.replace(cfg, token_budget=48)
+                s.config = dataclasses.replace(cfg, token_budget=48, far_field_share=0.2)
             events += 1
         k, v, ck, q, lq = _cuda_inputs(gen, 2, h, group, d, dtype, cluster=extras, lookup=extras)
         out = step(k, v, q, lookup_q=lq, scale=scale, cluster_keys=ck).clone()

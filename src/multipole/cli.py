@@ -43,6 +43,7 @@ def _version_of(module: str) -> str:
 def _demo(args: argparse.Namespace) -> int:
     if args.synthetic:
         return _synthetic_demo(args)
+    from .eval.harness import PARTIAL_FAR_FIELD_SHARE
     from .needle_demo import NeedleDemoSettings, format_needle_table, run_needle_demo
 
     settings = NeedleDemoSettings(
@@ -59,7 +60,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"\nA {report['prompt_tokens']}-token prompt of essays hides the magic number "
         f"{report['expected'][0]} at depth {report['needle_depth']:.2f}; dense and Multipole "
         f"Attention (at {settings.read_fraction:.2%} of the dense KV bytes, centroids counted; "
-        "far field over every cluster, or over the 5% of largest mass: multipole_partial) "
+        f"far field over every cluster, or over the {PARTIAL_FAR_FIELD_SHARE:.0%} of largest "
+        "mass: multipole_partial) "
         f"answer from one dense prefill ({report['prefill_s']:.1f} s). KL = mean KL(dense || "
         "method) of the next-token distributions along the dense answer.\n"
     )

@@ -66,7 +66,7 @@ class MultipoleConfig:
             far field (at least one): those of largest estimated attention mass among the
             clusters with tokens left after selection; the other unselected clusters are
             dropped. 1.0 (default) is the paper's far field over every unselected cluster.
-            Values below 1 need ``levels == 1``.
+            Values below 1 need ``levels == 1``; without ``replacement`` it has no effect.
         far_field_keys: key centroids used for the far-field logits: ``"clustering"`` scores
             the clustering-key centroids with the lookup query (the paper's code);
             ``"attention"`` uses the means of the attention keys with the attention query.
@@ -146,7 +146,11 @@ class MultipoleConfig:
                     f"MultipoleConfig.{field}: expected a bool, got {getattr(self, field)!r}"
                 )
         if self.far_field_share < 1 and self.levels != 1:
-            _fail("far_field_share", "1.0 with levels=2 (one level only)", self.far_field_share)
+            _fail(
+                "far_field_share",
+                "1.0 when levels=2 (a partial far field needs levels=1)",
+                self.far_field_share,
+            )
         if self.far_field_keys not in ("clustering", "attention"):
             _fail("far_field_keys", "'clustering' or 'attention'", self.far_field_keys)
         if self.backend not in ("auto", "reference", "triton"):
@@ -172,12 +176,6 @@ class MultipoleConfig:
     def clusters_for(self, num_tokens: int) -> int:
         """Number of level-0 clusters of a block of ``num_tokens`` tokens."""
         return 0 if num_tokens <= 0 else max(1, round(num_tokens * self.centroid_ratio))
-
-    def far_field_clusters(self, live_clusters: int) -> int:
-        """Value centroids read for the far field out of ``live_clusters`` scored ones."""
-        if not self.replacement or live_clusters <= 0:
-            return 0
-        return min(live_clusters, max(1, round(live_clusters * self.far_field_share)))
 
     def coarse_clusters_for(self, num_clusters: int) -> int:
         """Number of level-1 clusters over ``num_clusters`` level-0 clusters of one block."""

@@ -46,7 +46,10 @@ SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
 EXPAND_BLOCK = 64  # selected slots per tile of the expansion
 RANK_CHUNK = 1024  # list entries per step when an expansion program finds its first cluster
-MAX_BISECT_STEPS = 64  # bound on the threshold search (it stops when the boundary is one value)
+# bound on the threshold searches (they stop when the boundary is one value): each step at least
+# halves the span of the undecided float32 values, so 64 steps reach one value in practice; a
+# search cut short keeps fewer clusters (never more) than asked
+MAX_BISECT_STEPS = 64
 # Score histogram of the selection: bins of 1/64 nat below log(group), the largest possible
 # score; scores more than 32 nats below it share the last bin (the bisection still separates
 # them, in more steps).
@@ -217,6 +220,16 @@ def fused_decode(
             raise ValueError(f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})")
     tune = TUNING if tuning is None else tuning
     b, h, g, d = q.shape
+    if far_count is not None and (
+        far_count.dtype != torch.int32
+        or far_count.shape != (b, h)
+        or not far_count.is_contiguous()
+        or far_count.device != q.device
+    ):
+        raise ValueError(
+            f"fused_decode: far_count must be a contiguous int32 [{b}, {h}] tensor on "
+            f"{q.device}, got {far_count.dtype} {list(far_count.shape)} on {far_count.device}"
+        )
     dev = q.device
     rows = b * h
     num_clusters = layout.sizes.shape[-1]

@@ -1,8 +1,8 @@
 """One decode step of a layer (append a token, attend one query) replayed as a CUDA graph.
 
 An eager step through :class:`~multipole.MultipoleState` costs far more host time than GPU time
-(argument checks, the cache write, host bookkeeping, five Triton launches and their buffers):
-at batch 1 the fused attention needs about 0.1 ms of GPU per layer, the Python around it
+(argument checks, the cache write, host bookkeeping, six to eight Triton launches and their
+buffers): at batch 1 the fused attention needs about 0.1 ms of GPU per layer, the Python around it
 several times that. Between two online updates a step does the same work on the same buffers
 with only device-side values changing (the new token's position is read from the device copy
 of the lengths), so :class:`GraphedStep` captures it once and replays it, as vLLM and SGLang

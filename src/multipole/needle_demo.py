@@ -3,7 +3,7 @@
 The prompt (held-out Paul Graham essays with one planted "special magic number", then the
 question) is prefilled once, densely; then dense attention and Multipole Attention (at
 ``read_fraction`` of the dense KV bytes, centroids counted), with the far field over every
-cluster (``multipole``) and over the 5% of clusters of largest mass (``multipole_partial``),
+cluster (``multipole``) and over the clusters of largest mass (``multipole_partial``),
 each answer greedily from that prefill. Reported per method: the answer and whether it holds
 the number, the time to the first token (multipole builds its cluster index there), decode
 tokens/s after it, the fraction of KV bytes read, and the mean KL(dense || method) of the
@@ -57,7 +57,11 @@ def run_needle_demo(settings: NeedleDemoSettings) -> dict[str, Any]:
         for method in DEMO_METHODS
     }
     if None in configs.values():
-        raise ValueError(f"read_fraction={s.read_fraction}: too small for {ids.shape[1]} tokens")
+        short = [m for m, c in configs.items() if c is None]
+        raise ValueError(
+            f"read_fraction={s.read_fraction}: too small for {', '.join(short)} at "
+            f"{ids.shape[1]} tokens (the sink and the recent window alone read more)"
+        )
     runs = [Run("dense", None)] + [Run(m, "multipole", c) for m, c in configs.items()]
 
     model.set_attn_implementation("multipole")  # SDPA for stock caches, ours for MultipoleCache

@@ -570,11 +570,11 @@ class MultipoleState(DecodeState):
         # are sized by what can be read
         budgets = [min(cfg.budget_tokens(n), n) for n in self.clustered_len]
         # what depends on the index and the config only is computed once per layout
-        far = f"{cfg.replacement}_{cfg.far_field_share}"
+        far_key = f"{cfg.replacement}_{cfg.far_field_share}"
         far_count = None
         if cfg.replacement and cfg.far_field_share < 1:
             far_count = layout.cached(
-                f"far_count_{far}",
+                f"far_count_{far_key}",
                 lambda: _far_field_clusters(cfg, layout.live).to(torch.int32).contiguous(),
             )
         out, lse, count, selected = fused_decode(
@@ -598,7 +598,7 @@ class MultipoleState(DecodeState):
             clusters_selected=selected,
             centroids_scored=layout.live,
             metadata_bytes=layout.cached(
-                f"metadata_bytes_{far}",
+                f"metadata_bytes_{far_key}",
                 lambda: _metadata_bytes(
                     cfg, layout.live, self.head_dim, self._keys.element_size(), False
                 ),
@@ -759,8 +759,9 @@ def dense_attention(
 
 
 def _far_field_clusters(config: MultipoleConfig, scored: torch.Tensor) -> torch.Tensor:
-    """Value centroids a step reads for the far field, out of ``scored`` live centroids:
-    ``far_field_share`` of them (rounded, at least one), none without the far field."""
+    """Value centroids a step is charged for the far field, out of ``scored`` live centroids:
+    ``far_field_share`` of them (rounded, at least one), none without the far field. An upper
+    bound: when fewer clusters have tokens left, fewer are read."""
     if not config.replacement:
         return torch.zeros_like(scored)
     share = torch.round(scored.to(torch.float64) * config.far_field_share).to(scored.dtype)

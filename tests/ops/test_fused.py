@@ -152,15 +152,17 @@ TUNINGS = {
 }
 
 
+@pytest.mark.parametrize("share", [1.0, 0.3], ids=["far1", "far0.3"])
 @pytest.mark.parametrize("name", list(TUNINGS))
-def test_launch_variants_match_reference(gen, name, monkeypatch, kernel_device):
+def test_launch_variants_match_reference(gen, name, share, monkeypatch, kernel_device):
     """Many small clusters (ratio 1/2), so one tile of the exact pass holds tokens of many
-    clusters and the selected list is longer than a window."""
+    clusters and the selected list is longer than a window (with a partial far field: the
+    masses written and searched over several tiles)."""
     from multipole import fused
 
     monkeypatch.setattr(fused, "TUNING", fused.Tuning(**TUNINGS[name]))
     device = kernel_device
-    cfg = dataclasses.replace(BASE, centroid_ratio=0.5, token_budget=300)
+    cfg = dataclasses.replace(BASE, centroid_ratio=0.5, token_budget=300, far_field_share=share)
     k, v = _planted(gen, 2, 1, 560, 16, torch.float32)
     state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=[560, 523])
     q = (torch.randn(2, 4, 16, generator=gen) * 2).to(device)

@@ -10,8 +10,11 @@ the histogram, then the threshold by bisection on the score values of that bin (
 writes the compact list of selected clusters: for each, its first slot in the list of
 selected tokens, where its tokens start in the cluster-sorted order, and its id.
 Token positions are expanded from that list by ``ops/decode/kernel.py``, whose exact pass also
-subtracts the selected clusters' far-field terms. Shapes are fixed by capacities, never by
-data, so a decode step needs no host synchronisation.
+subtracts the selected clusters' far-field terms. With a partial far field
+(``far_field_share < 1``) the centroid pass reads no value centroids; the selection writes each
+cluster's mass (score + log tokens left), ``_band_kernel`` finds the clusters of largest mass
+and ``_band_far_field_kernel`` adds their far field, reading only their value centroids. Shapes
+are fixed by capacities, never by data, so a decode step needs no host synchronisation.
 """
 
 from __future__ import annotations
