@@ -3,7 +3,7 @@
 # folders because a device call carries at most 64 MiB (shared/ASSETS.md):
 #   here, once per model:  bash benchmarks/eval_gpu.sh pack smollm2-135m   (or qwen2.5-0.5b)
 #     splits the cached GGUF into .stage/<model>-NN/ (the first folder also holds the gguf
-#     wheel and the essays JSON; .stage/ is in .git/info/exclude);
+#     wheel and the essays JSON; .stage/ is git-ignored, so it travels only when carried);
 #   on the GPU machine, one call per folder while it stays warm (30 s idle):
 #     carry [".stage/<model>-00"]: bash benchmarks/eval_gpu.sh stage   ... and so on, then
 #     carry the last folder:       bash benchmarks/eval_gpu.sh run NAME [NAME ...]
