@@ -20,7 +20,13 @@ from .fused import FusedLayout, fused_decode
 from .index import ClusterIndex, grow, take_rows_
 from .ops.decode import attend_tokens, far_field, merge_states
 from .ops.kernel_utils import kernels_available, triton_installed
-from .ops.lookup import cluster_logits, log_importance, select_by_budget, take_by_budget
+from .ops.lookup import (
+    cluster_logits,
+    log_importance,
+    select_best,
+    select_by_budget,
+    take_by_budget,
+)
 
 
 @dataclass(frozen=True)
@@ -659,7 +665,7 @@ class MultipoleState(DecodeState):
             if cfg.far_field_share < 1:
                 # the clusters of largest estimated mass (per-key score x tokens left)
                 mass = score0 + torch.log(left.to(score0.dtype))
-                in_far &= _best(mass, in_far, _far_field_clusters(cfg, scored))
+                in_far &= select_best(mass, in_far, _far_field_clusters(cfg, scored))
             far = far_field(
                 far_q,
                 keys0,
@@ -780,17 +786,6 @@ def _metadata_bytes(
     centroids when those are kept apart)."""
     far = _far_field_clusters(config, scored) * (2 if separate_attention_keys else 1)
     return (scored + far) * head_dim * elem_size + scored * 4
-
-
-def _best(score: torch.Tensor, include: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``[B, H, C]`` bool: the ``count [B, H]`` included entries of highest score per row
-    (ties by lower index)."""
-    ranked = score.masked_fill(~include, float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    )
-    return include & (rank < count.unsqueeze(-1))
 
 
 def _rank_in_cluster(labels: torch.Tensor) -> torch.Tensor:

@@ -273,10 +273,10 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
 
 @pytest.mark.parametrize("tile", [16, 64], ids=["tiles4", "tile1"])
 def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, kernel_device, tile):
-    """``_band_kernel`` picks what the reference's ``_best`` picks, on masses with many ties,
-    rows asking for more clusters than have tokens left and a row with none left."""
+    """``_band_kernel`` picks what the reference's ``select_best`` picks, on masses with many
+    ties, rows asking for more clusters than have tokens left and a row with none left."""
+    from multipole.ops.lookup import select_best
     from multipole.ops.lookup.kernel import _band_kernel
-    from multipole.state import _best
 
     rows, clusters = 5, 50
     # ties on a coarse grid, and values spread over more than the histogram's range
@@ -304,6 +304,6 @@ def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, ker
     got = (mass > cut[:, :1]) | ((mass == cut[:, 1:]) & (ids <= tie[:, None]))
     got &= mass > float("-inf")
     live = mass > float("-inf")
-    expected = _best(mass[:, None], live[:, None], want[:, None].long())[:, 0]
+    expected = select_best(mass[:, None], live[:, None], want[:, None].long())[:, 0]
     assert torch.equal(got, expected)
     assert got.sum(-1).tolist() == torch.minimum(want, live.sum(-1)).tolist()

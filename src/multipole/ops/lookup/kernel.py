@@ -424,8 +424,8 @@ def _band_kernel(
     MAX_STEPS: tl.constexpr,
 ):
     """The clusters of a partial far field, one (sequence, KV head) per program: the
-    ``FAR_COUNT`` largest finite ``MASS`` values (ties by lower index, as ``torch.sort``
-    stable), found by bisection on the values as ``_select_kernel`` does with counts for
+    ``FAR_COUNT`` largest finite ``MASS`` values (ties by lower index, as ``select_best``),
+    found by bisection on the values as ``_select_kernel`` does with counts for
     sizes. Writes ``BAND_CUT = (t, v)`` and ``BAND_TIE = i``: cluster ``c`` is in the far field
     iff ``mass > t`` or (``mass == v`` and ``c <= i``)."""
     bh = tl.program_id(0).to(tl.int64)

@@ -41,6 +41,22 @@ def log_importance(
     return score.masked_fill(~include, NEG_INF)
 
 
+def select_best(score: torch.Tensor, include: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The ``count`` included clusters of highest score per row, ties by lower index (the
+    clusters of a partial far field; ``_band_kernel`` computes the same).
+
+    Args:
+        score: ``[B, H_kv, C]``; include: ``[B, H_kv, C]`` bool; count: ``[B, H_kv]`` int.
+    Returns:
+        ``[B, H_kv, C]`` bool.
+    """
+    ranked = score.masked_fill(~include, NEG_INF)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return include & (rank < count.unsqueeze(-1))
+
+
 def select_by_budget(
     score: torch.Tensor, sizes: torch.Tensor, include: torch.Tensor, budget: torch.Tensor
 ) -> torch.Tensor:
