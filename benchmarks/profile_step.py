@@ -1,7 +1,7 @@
 """Where the time of a fused decode step goes, launch variants, and the k-means kernels (GPU).
 
 python benchmarks/profile_step.py [--context 131072] [--batches 1,16] [--budgets 128,0.05]
-    [--variants] [--kmeans] [--out FILE.json]
+    [--shares 1.0,0.05] [--variants] [--kmeans] [--out FILE.json]
 
 - default: per-kernel GPU time of one step (torch.profiler, 20 steps);
 - ``--variants``: each launch variant of ``multipole.fused.Tuning`` checked against the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -38,6 +39,8 @@ VARIANTS = {
     "bn32": dict(block_n=32),
     "bn128": dict(block_n=128),
     "cent4": dict(centroid_programs_per_sm=4),
+    "cblock128": dict(centroid_block=128),
+    "cblock128cent4": dict(centroid_block=128, centroid_programs_per_sm=4),
     "sel4096w8": dict(select_tile=4096, select_warps=8),
     "selw8": dict(select_warps=8),
     "selw32": dict(select_warps=32),
@@ -50,42 +53,46 @@ KMEANS_VARIANTS = {
 }
 
 
-def make_state(context: int, batch: int, budget, replacement: bool = True):
+def make_state(context: int, batch: int, budget, replacement: bool = True, share: float = 1.0):
     gen = torch.Generator(device=DEVICE).manual_seed(context + batch)
     k = torch.randn(batch, 8, context, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
     v = torch.randn(batch, 8, context, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
     q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    cfg = MultipoleConfig(token_budget=budget, backend="triton", replacement=replacement)
+    cfg = MultipoleConfig(
+        token_budget=budget, backend="triton", replacement=replacement, far_field_share=share
+    )
     return MultipoleState.prefill(k, v, cfg), q, k, v
 
 
 def profile_steps(args, budgets, rows) -> None:
-    for batch in map(int, args.batches.split(",")):
-        for budget in budgets:
-            state, q, _, _ = make_state(args.context, batch, budget)
-            for _ in range(5):
+    shares = [float(x) for x in args.shares.split(",")]
+    batches = map(int, args.batches.split(","))
+    for batch, budget, share in itertools.product(batches, budgets, shares):
+        state, q, _, _ = make_state(args.context, batch, budget, share=share)
+        for _ in range(5):
+            state.attend(q)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
                 state.attend(q)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    state.attend(q)
-                torch.cuda.synchronize()
-            print(f"\n=== context {args.context} batch {batch} budget {budget} (20 steps)")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
-            for e in prof.key_averages():
-                if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
-                    rows.append(
-                        dict(
-                            kind="profile",
-                            context=args.context,
-                            batch=batch,
-                            budget=budget,
-                            kernel=e.key,
-                            us_per_step=e.self_device_time_total / 20,
-                        )
+        print(f"\n=== context {args.context} batch {batch} budget {budget} far-field share {share}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
+        for e in prof.key_averages():
+            if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+                rows.append(
+                    dict(
+                        kind="profile",
+                        context=args.context,
+                        batch=batch,
+                        budget=budget,
+                        far_field_share=share,
+                        kernel=e.key,
+                        us_per_step=e.self_device_time_total / 20,
                     )
-            del state
-            torch.cuda.empty_cache()
+                )
+        del state
+        torch.cuda.empty_cache()
 
 
 def step_ms(state, q) -> float:
@@ -101,7 +108,8 @@ def time_variants(args, budgets, rows, variants=None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for batch in map(int, args.batches.split(",")):
         for budget in budgets:
-            state, q, _, _ = make_state(args.context, batch, budget)
+            share = float(args.shares.split(",")[-1])
+            state, q, _, _ = make_state(args.context, batch, budget, share=share)
             fused_mod.TUNING = fused_mod.Tuning()
             base = state.attend(q)
             state.config = dataclasses.replace(state.config, backend="reference")
@@ -344,6 +352,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--budgets", default="128,0.05")
+    parser.add_argument("--shares", default="1.0", help="far_field_share values to profile")
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--kmeans", action="store_true")
     parser.add_argument("--no-profile", action="store_true")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -262,9 +263,9 @@ def test_non_contiguous_inputs_are_handled(gen):
 
 def _brute_force_partial_far_field(state, q, share):
     """Float64 loops over (sequence, KV head): exact attention over the tokens the state
-    attended, plus the far field of the ``round(share * live)`` clusters of largest estimated
-    mass among those with tokens left, each at its key centroid with the mean value of its
-    untaken tokens."""
+    attended, plus the far field of the clusters of largest estimated mass among those with
+    tokens left, at most ``round(share * live)`` taken in whole bins of 1/64 nat, each at its
+    key centroid with the mean value of its untaken tokens."""
     level0, labels = state.index.level0, state.index.labels
     exact_mask = state._reads.token_mask
     b_count, h_count, c_count, d = level0.key_centroids.shape
@@ -290,8 +291,15 @@ def _brute_force_partial_far_field(state, q, share):
                     left_sum[lab[i]] += state.values[b, h, i].double()
             k = min(int(live.sum()), max(1, round(int(live.sum()) * share)))
             candidates = [c for c in range(c_count) if left[c] > 0]
-            candidates.sort(key=lambda c: (-float(per_key[c] * left[c]), c))
-            far = candidates[:k]
+            mass = {c: math.log(per_key[c] * left[c]) for c in candidates}
+            top = max(mass.values(), default=0.0)
+            bins = {c: min(int((top - mass[c]) * 64), 2047) for c in candidates}
+            far = []  # whole bins of 1/64 nat, best first, while they stay within k
+            for bin_ in sorted(set(bins.values())):
+                members = [c for c in candidates if bins[c] == bin_]
+                if len(far) + len(members) > k:
+                    break
+                far += members
             keys = torch.cat([state.keys[b, h, :n][taken_mask].double(),
                               level0.key_centroids[b, h, far].double()])  # fmt: skip
             values = torch.cat(

@@ -63,9 +63,10 @@ class MultipoleConfig:
         replacement: add the far-field term of unselected clusters (Multipole); False gives
             the centroid-only ("Squeezed") variant.
         far_field_share: fraction of the live clusters whose value centroids are read for the
-            far field (at least one): those of largest estimated attention mass among the
-            clusters with tokens left after selection; the other unselected clusters are
-            dropped. 1.0 (default) is the paper's far field over every unselected cluster.
+            far field (at most, at least one): those of largest estimated attention mass among
+            the clusters with tokens left after selection, taken in whole bins of 1/64 nat
+            (``select_band``); the other unselected clusters are dropped. 1.0 (default) is the
+            paper's far field over every unselected cluster.
             Values below 1 need ``levels == 1``; without ``replacement`` it has no effect.
         far_field_keys: key centroids used for the far-field logits: ``"clustering"`` scores
             the clustering-key centroids with the lookup query (the paper's code);

@@ -18,11 +18,14 @@ synchronisation, fixed shapes.
 6. log-sum-exp merge of the splits and the far field.
 
 With a partial far field (``far_field_share < 1``) pass 1 reads no value centroids; the
-selection also writes each cluster's estimated mass (score x tokens left), ``_band_kernel``
-(one program per row) finds the ``far_count`` largest by bisection, and
-``_band_far_field_kernel`` (split over programs) adds their far field, reading only their
-value centroids, into slots after the exact pass's, and sets the other clusters' logits to
-``-inf`` so the exact pass removes no far-field term for their selected tokens.
+selection also writes each cluster's estimated mass (score x tokens left) and the row's
+largest, ``_band_hist_kernel`` (many programs per row) counts the masses per bin below it, and
+``_band_far_field_kernel`` (one program per chunk of clusters) lists the chunk's clusters in
+the best bins up to ``far_count`` clusters (``select_band``) and adds their far field, reading
+only their logits and value centroids, into slots after the exact pass's. Of the selected
+clusters only the partly taken one can have tokens left, so the exact pass removes a far-field
+term from its tokens alone (its logits written by the far-field pass, ``-inf`` when outside the
+far field): no cluster ids per token.
 
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
 ``levels == 1`` (up to the rounding of the scores), reading the tokens of a cluster
@@ -40,8 +43,9 @@ import torch
 
 from .index import ClusterIndex, take_rows_
 from .ops.kernel_utils import native_dot
+from .ops.lookup.reference import MASS_BINS, MASS_BINS_PER_NAT
 
-BLOCK_C = 64  # centroids per tile of the centroid pass
+BLOCK_C = 64  # centroids per tile of a partial far field's member list
 SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
 EXPAND_BLOCK = 64  # selected slots per tile of the expansion
@@ -63,6 +67,8 @@ class Tuning:
     ``benchmarks/profile_step.py --pick`` on the H100 (128K, batch 1/4/16, 5% budget)."""
 
     centroid_programs_per_sm: int = 2  # centroid-pass grid target (rows x splits)
+    centroid_block: int = 64  # centroids per tile of the centroid pass
+    band_chunk: int = 1024  # clusters per program of a partial far field (one state each)
     exact_programs_per_sm: int = 2  # exact-pass grid target
     exact_min_split: int = 64  # fewest token slots per exact-pass program (multiple of BLOCK_N)
     select_tile: int = 8192  # clusters per tile of the selection (held in registers)
@@ -209,7 +215,7 @@ def fused_decode(
     from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
     from .ops.lookup.kernel import (
         _band_far_field_kernel,
-        _band_kernel,
+        _band_hist_kernel,
         _centroid_pass_kernel,
         _score_kernel,
         _select_kernel,
@@ -243,7 +249,10 @@ def fused_decode(
 
     # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
     per_c, splits_c = _per_split(
-        num_clusters, rows, BLOCK_C, _target_programs(dev, tune.centroid_programs_per_sm)
+        num_clusters,
+        rows,
+        tune.centroid_block,
+        _target_programs(dev, tune.centroid_programs_per_sm),
     )
     z = buf("z", (b, h, g, num_clusters), f32)
     m_c = buf("m_c", (rows, splits_c, g), f32)
@@ -265,7 +274,7 @@ def fused_decode(
         splits_c,
         HEAD_DIM=d,
         BLOCK_G=block_g,
-        BLOCK_C=BLOCK_C,
+        BLOCK_C=tune.centroid_block,
         BLOCK_D=block_d,
         WITH_FAR=full_far,
         NATIVE_DOT=native,
@@ -317,6 +326,10 @@ def fused_decode(
         num_warps=4,
     )
     mass = buf("mass", (rows, num_clusters), f32) if partial else score
+    mass_top = buf("mass_top", (rows,), f32) if partial else far_m
+    band_hist = buf("band_hist", (rows, MASS_BINS), i32, zero=True) if partial else hist
+    boundary = buf("boundary", (rows, 3), i32) if partial else count
+    boundary_z = buf("boundary_z", (rows, g), f32) if partial else far_m
     _select_kernel[(rows,)](
         score,
         hist,
@@ -331,12 +344,16 @@ def fused_decode(
         count,
         num_selected,
         mass,
+        mass_top,
+        band_hist,
+        boundary,
         h,
         num_clusters,
         list_capacity,
         sink_tokens,
         *hist_args,
         HIST_BINS=HIST_BINS,
+        MASS_BINS=MASS_BINS,
         TILE=tile,
         MAX_STEPS=MAX_BISECT_STEPS,
         WITH_MASS=partial,
@@ -346,7 +363,7 @@ def fused_decode(
     # 4. Positions (and clusters) of the selected tokens, many programs per row.
     slot_capacity = max(1, max_budget)
     pos = buf("pos", (rows, slot_capacity), i32)
-    cluster = buf("cluster", (rows, slot_capacity), i32) if replacement else pos
+    cluster = buf("cluster", (rows, slot_capacity), i32) if full_far else pos
     per_x, splits_x = _per_split(
         slot_capacity, rows, EXPAND_BLOCK, _target_programs(dev, tune.expand_programs_per_sm)
     )
@@ -370,7 +387,7 @@ def fused_decode(
         BLOCK=EXPAND_BLOCK,
         WINDOW=2 * EXPAND_BLOCK,
         RANK_CHUNK=RANK_CHUNK,
-        WITH_FAR=replacement,
+        WITH_FAR=full_far,
         num_warps=4,
     )
 
@@ -383,46 +400,45 @@ def fused_decode(
         _target_programs(dev, tune.exact_programs_per_sm),
     )
     # a partial far field: its clusters' state fills slots after the exact splits
-    per_f, splits_f = (
-        _per_split(
-            num_clusters, rows, BLOCK_C, _target_programs(dev, tune.centroid_programs_per_sm)
-        )
-        if partial
-        else (0, 0)
-    )
+    band_chunk = min(tune.band_chunk, _pow2(num_clusters))
+    splits_f = -(-num_clusters // band_chunk) if partial else 0
     slots = splits_n + splits_f
     m_e = buf("m_e", (rows, slots, g), f32)
     l_e = buf("l_e", (rows, slots, g), f32)
     acc_e = buf("acc_e", (rows, slots, g, d), f32)
     if partial:
-        band_cut = buf("band_cut", (rows, 2), f32)
-        band_tie = buf("band_tie", (rows,), i32)
-        _band_kernel[(rows,)](
+        _band_hist_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
             mass,
-            far_count,
-            band_cut,
-            band_tie,
+            mass_top,
+            band_hist,
             num_clusters,
-            TILE=tile,
-            MAX_STEPS=MAX_BISECT_STEPS,
-            num_warps=tune.select_warps,
+            MASS_BINS_PER_NAT,
+            MASS_BINS=MASS_BINS,
+            CHUNK=SCORE_CHUNK,
+            num_warps=4,
         )
         _band_far_field_kernel[(rows, splits_f)](
             z,
             layout.value_centroids,
             layout.sizes,
             mass,
-            band_cut,
-            band_tie,
+            mass_top,
+            band_hist,
+            far_count,
+            boundary,
+            boundary_z,
+            buf("band_members", (rows, num_clusters), i32),
             m_e,
             l_e,
             acc_e,
             num_clusters,
             g,
-            per_f,
             splits_n,
             slots,
+            MASS_BINS_PER_NAT,
             HEAD_DIM=d,
+            MASS_BINS=MASS_BINS,
+            CHUNK=band_chunk,
             BLOCK_G=block_g,
             BLOCK_C=BLOCK_C,
             BLOCK_D=block_d,
@@ -439,6 +455,8 @@ def fused_decode(
         pos,
         cluster,
         z,
+        boundary,
+        boundary_z,
         count,
         seq_lens,
         clustered_len,
@@ -460,6 +478,7 @@ def fused_decode(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         WITH_FAR=replacement,
+        BOUNDARY_ONLY=partial,
         NATIVE_DOT=native,
         num_warps=4,
     )

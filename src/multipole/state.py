@@ -23,7 +23,7 @@ from .ops.kernel_utils import kernels_available, triton_installed
 from .ops.lookup import (
     cluster_logits,
     log_importance,
-    select_best,
+    select_band,
     select_by_budget,
     take_by_budget,
 )
@@ -665,7 +665,7 @@ class MultipoleState(DecodeState):
             if cfg.far_field_share < 1:
                 # the clusters of largest estimated mass (per-key score x tokens left)
                 mass = score0 + torch.log(left.to(score0.dtype))
-                in_far &= select_best(mass, in_far, _far_field_clusters(cfg, scored))
+                in_far &= select_band(mass, in_far, _far_field_clusters(cfg, scored))
             far = far_field(
                 far_q,
                 keys0,

@@ -139,16 +139,24 @@ def test_decode_steps_do_not_sync_with_the_host(gen):
 
 
 TUNINGS = {
-    # a selection over several tiles, many small exact-pass programs with 32-slot tiles and
-    # one-tile expansion programs; one long exact-pass and one expansion program per row
+    # a selection over several tiles, many small exact-pass programs with 32-slot tiles,
+    # one-tile expansion programs, small centroid tiles and partial far-field chunks; one long
+    # exact-pass and one expansion program per row, large centroid tiles
     "tiles": dict(
         select_tile=128,
         select_warps=4,
         block_n=32,
         exact_programs_per_sm=8,
         expand_programs_per_sm=64,
+        centroid_block=16,
+        band_chunk=64,
     ),
-    "long": dict(exact_min_split=4096, centroid_programs_per_sm=1, expand_programs_per_sm=1),
+    "long": dict(
+        exact_min_split=4096,
+        centroid_programs_per_sm=1,
+        expand_programs_per_sm=1,
+        centroid_block=128,
+    ),
 }
 
 
@@ -271,39 +279,101 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
         assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]
 
 
-@pytest.mark.parametrize("tile", [16, 64], ids=["tiles4", "tile1"])
-def test_partial_far_field_keeps_the_largest_masses_ties_by_lower_index(gen, kernel_device, tile):
-    """``_band_kernel`` picks what the reference's ``select_best`` picks, on masses with many
-    ties, rows asking for more clusters than have tokens left and a row with none left."""
-    from multipole.ops.lookup import select_best
-    from multipole.ops.lookup.kernel import _band_kernel
+@pytest.mark.parametrize("chunk", [16, 64], ids=["chunks4", "chunk1"])
+def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, chunk):
+    """``_band_hist_kernel`` and ``_band_far_field_kernel`` keep what the reference's
+    ``select_band`` keeps (masses with many ties, values spread past the bins' range, rows
+    asking for more clusters than have tokens left, a row with none left), add exactly their
+    far field, and hand the partly taken cluster's logits to the exact pass (``-inf`` when
+    outside the far field)."""
+    from multipole.ops.lookup import select_band
+    from multipole.ops.lookup.kernel import _band_far_field_kernel, _band_hist_kernel
+    from multipole.ops.lookup.reference import MASS_BINS, MASS_BINS_PER_NAT
 
-    rows, clusters = 5, 50
-    # ties on a coarse grid, and values spread over more than the histogram's range
+    rows, clusters, group, d = 5, 50, 3, 16
+    # ties on a coarse grid, and values spread over more than the bins' range
     mass = torch.randint(0, 6, (rows, clusters), generator=gen).float() * 0.5 - 1.0
     spread = torch.rand(rows, clusters, generator=gen) < 0.4
     mass[spread] = torch.randn(int(spread.sum()), generator=gen) * 30
     mass[torch.rand(rows, clusters, generator=gen) < 0.2] = float("-inf")  # nothing left
     mass[3] = float("-inf")
+    left = mass > float("-inf")
     want = torch.tensor([1, 7, 50, 3, 20], dtype=torch.int32)
-    cut = torch.full((rows, 2), float("nan"))
-    tie = torch.full((rows,), -7, dtype=torch.int32)
+    z = torch.randn(rows, group, clusters, generator=gen)
+    vc = torch.randn(rows, clusters, d, generator=gen)
+    sizes = torch.randint(1, 9, (rows, clusters), generator=gen, dtype=torch.int32)
+    top = mass.amax(-1).masked_fill(~left.any(-1), 0.0)  # as the selection writes it
+    hist = torch.full((rows, MASS_BINS), 0, dtype=torch.int32)
     dev = kernel_device
-    cut, tie = cut.to(dev), tie.to(dev)
-    _band_kernel[(rows,)](
-        mass.to(dev),
-        want.to(dev),
-        cut,
-        tie,
-        clusters,
-        TILE=tile,
-        MAX_STEPS=64,
+    zk, histk = z.clone().to(dev), hist.to(dev)
+    mass_k, top_k = mass.to(dev), top.to(dev)
+    _band_hist_kernel[(rows, -(-clusters // chunk))](
+        mass_k, top_k, histk, clusters, MASS_BINS_PER_NAT, MASS_BINS=MASS_BINS, CHUNK=chunk
     )
-    cut, tie = cut.cpu(), tie.cpu()
-    ids = torch.arange(clusters)
-    got = (mass > cut[:, :1]) | ((mass == cut[:, 1:]) & (ids <= tie[:, None]))
-    got &= mass > float("-inf")
-    live = mass > float("-inf")
-    expected = select_best(mass[:, None], live[:, None], want[:, None].long())[:, 0]
-    assert torch.equal(got, expected)
-    assert got.sum(-1).tolist() == torch.minimum(want, live.sum(-1)).tolist()
+    # the partly taken cluster of each row (-1: none), in and out of the far field; its first
+    # slot and tokens taken
+    expected = select_band(mass[:, None], left[:, None], want[:, None].long())[:, 0]
+    outside = left & ~expected
+    boundary_ids = [
+        -1,
+        int(expected[1].nonzero()[-1]),
+        int(expected[2].nonzero()[0]),  # (row 2 asks for every cluster)
+        0,  # (row 3 has nothing left)
+        int(outside[4].nonzero()[0]),
+    ]
+    boundary = torch.tensor([[c, 5, 2] for c in boundary_ids], dtype=torch.int32).to(dev)
+    boundary_z = torch.full((rows, group), float("nan"), device=dev)
+    first, splits = 1, -(-clusters // chunk)  # partial states after one (unused) exact slot
+    members = torch.full((rows, clusters), -1, dtype=torch.int32, device=dev)
+    slots = first + splits
+    m_e = torch.full((rows, slots, group), float("nan"), device=dev)
+    l_e, acc_e = m_e.clone(), torch.full((rows, slots, group, d), float("nan"), device=dev)
+    _band_far_field_kernel[(rows, splits)](
+        zk,
+        vc.to(dev),
+        sizes.to(dev),
+        mass_k,
+        top_k,
+        histk,
+        want.to(dev),
+        boundary,
+        boundary_z,
+        members,
+        m_e,
+        l_e,
+        acc_e,
+        clusters,
+        group,
+        first,
+        slots,
+        MASS_BINS_PER_NAT,
+        HEAD_DIM=d,
+        MASS_BINS=MASS_BINS,
+        CHUNK=chunk,
+        BLOCK_G=4,
+        BLOCK_C=16,
+        BLOCK_D=d,
+        NATIVE_DOT=False,
+    )
+    assert torch.equal(zk.cpu(), z)  # logits untouched
+    boundary_z = boundary_z.cpu()
+    for r, c in enumerate(boundary_ids):
+        if c < 0:
+            assert boundary_z[r].isnan().all()  # nothing written
+        else:
+            in_far = expected[r, c]
+            assert torch.equal(boundary_z[r], torch.where(in_far, z[r, :, c], -torch.inf))
+    assert (expected.sum(-1) <= torch.minimum(want, left.sum(-1))).all()
+    assert expected[[0, 1, 2, 4]].any(-1).all()  # (row 3 has nothing left)
+    # the partial states combine to the far field of exactly those clusters
+    m_s, l_s, a_s = m_e[:, first:].cpu(), l_e[:, first:].cpu(), acc_e[:, first:].cpu()
+    m = m_s.amax(1, keepdim=True)
+    w = torch.exp(m_s - torch.where(m > float("-inf"), m, 0.0)).nan_to_num(0.0)
+    den, acc = (w * l_s).sum(1), (w[..., None] * a_s).sum(1)
+    weights = sizes[:, None].double() * torch.exp(z.double()) * expected[:, None]  # [R, G, C]
+    for r in range(rows):
+        if expected[r].any():
+            brute = (weights[r] @ vc[r].double()) / weights[r].sum(-1, keepdim=True)
+            assert torch.allclose((acc[r] / den[r][:, None]).double(), brute, atol=1e-5)
+        else:
+            assert (den[r] == 0).all()

@@ -99,6 +99,8 @@ def _sparse_decode_kernel(
     POS,
     CLUSTER,
     Z,
+    BOUNDARY,
+    BOUNDARY_Z,
     COUNT,
     SEQ_LENS,
     CLUSTERED,
@@ -120,12 +122,16 @@ def _sparse_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WITH_FAR: tl.constexpr,
+    BOUNDARY_ONLY: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
 ):
     """Split ``split`` of one row: slots ``split * tokens_per_split ..`` (sink and recent
     window first, then the selected tokens at the positions ``_expand_kernel`` wrote). Its
     state goes to partial slot ``split`` of the row's ``num_splits`` (more than the grid's
-    splits when a partial far field fills the slots after them)."""
+    splits when a partial far field fills the slots after them). ``WITH_FAR``: each selected
+    token removes its cluster's far-field term, the logits of its cluster (``CLUSTER``) read
+    from ``Z``; with ``BOUNDARY_ONLY`` (a partial far field) only the partly taken cluster
+    can have one: ``BOUNDARY = (id, first slot, tokens taken)``, its logits ``BOUNDARY_Z``."""
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -143,6 +149,11 @@ def _sparse_decode_kernel(
     selected_tokens = tl.load(COUNT + bh) - num_exact
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, exact_capacity + selected_tokens)
+
+    if BOUNDARY_ONLY:
+        boundary_first = tl.load(BOUNDARY + 3 * bh + 1)
+        boundary_end = boundary_first + tl.load(BOUNDARY + 3 * bh + 2)
+        boundary_z = tl.load(BOUNDARY_Z + bh * group + offs_g, mask=mask_g, other=float("-inf"))
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G], tl.float32)
@@ -164,12 +175,16 @@ def _sparse_decode_kernel(
         x = tl.where(mask_n[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         if WITH_FAR:
-            cluster = tl.load(CLUSTER + bh * slot_capacity + sel_slot, mask=is_sel, other=0)
-            zc = tl.load(
-                Z + (bh * group + offs_g[:, None]) * num_clusters + cluster[None, :],
-                mask=mask_g[:, None] & is_sel[None, :],
-                other=float("-inf"),
-            )  # [BLOCK_G, BLOCK_N] far-field logit of each token's cluster
+            if BOUNDARY_ONLY:
+                taken = is_sel & (sel_slot >= boundary_first) & (sel_slot < boundary_end)
+                zc = tl.where(taken[None, :], boundary_z[:, None], float("-inf"))
+            else:
+                cluster = tl.load(CLUSTER + bh * slot_capacity + sel_slot, mask=is_sel, other=0)
+                zc = tl.load(
+                    Z + (bh * group + offs_g[:, None]) * num_clusters + cluster[None, :],
+                    mask=mask_g[:, None] & is_sel[None, :],
+                    other=float("-inf"),
+                )  # [BLOCK_G, BLOCK_N] far-field logit of each token's cluster
             m_new = tl.maximum(m_new, tl.max(zc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)

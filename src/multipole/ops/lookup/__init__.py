@@ -1,9 +1,9 @@
 from .reference import (
     cluster_logits,
     log_importance,
-    select_best,
+    select_band,
     select_by_budget,
     take_by_budget,
 )
 
-__all__ = ["cluster_logits", "log_importance", "select_best", "select_by_budget", "take_by_budget"]
+__all__ = ["cluster_logits", "log_importance", "select_band", "select_by_budget", "take_by_budget"]

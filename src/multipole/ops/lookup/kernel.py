@@ -12,8 +12,9 @@ selected tokens, where its tokens start in the cluster-sorted order, and its id.
 Token positions are expanded from that list by ``ops/decode/kernel.py``, whose exact pass also
 subtracts the selected clusters' far-field terms. With a partial far field
 (``far_field_share < 1``) the centroid pass reads no value centroids; the selection writes each
-cluster's mass (score + log tokens left), ``_band_kernel`` finds the clusters of largest mass
-and ``_band_far_field_kernel`` adds their far field, reading only their value centroids. Shapes
+cluster's mass (score + log tokens left), ``_band_hist_kernel`` counts the masses per bin (many
+programs, atomics) and ``_band_far_field_kernel`` takes the bins of largest mass up to the
+count asked (``select_band``) and adds their far field, reading only their value centroids. Shapes
 are fixed by capacities, never by data, so a decode step needs no host synchronisation.
 """
 
@@ -276,6 +277,9 @@ def _select_kernel(
     COUNT,
     NUM_SELECTED,
     MASS,
+    MASS_TOP,
+    BAND_HIST,
+    BOUNDARY,
     num_kv_heads,
     num_clusters,
     list_capacity,
@@ -283,6 +287,7 @@ def _select_kernel(
     hist_top,
     hist_scale,
     HIST_BINS: tl.constexpr,
+    MASS_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
     WITH_MASS: tl.constexpr,
@@ -297,7 +302,11 @@ def _select_kernel(
     slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
     ``s`` is ``ORDER[SEL_BASE[r] + s]``) and ``SEL_CLUSTER[r]``; then ``COUNT`` (sink, recent
     window and selected tokens) and ``NUM_SELECTED``. ``WITH_MASS`` (a partial far field): also
-    ``MASS[c] = score + log(tokens left)`` of every cluster with tokens left, else ``-inf``.
+    ``MASS[c] = score + log(tokens left)`` of every cluster with tokens left (else ``-inf``),
+    their largest, ``MASS_TOP`` (0 if none), a cleared ``BAND_HIST`` row for
+    ``_band_hist_kernel``, and ``BOUNDARY = (id, first slot, tokens taken)`` of the partly
+    taken cluster (``-1, 0, 0`` if none): the one selected cluster a partial far field can
+    hold, whose far-field term the exact pass then removes from its taken tokens.
     """
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_kv_heads
@@ -311,6 +320,9 @@ def _select_kernel(
     offs_h = tl.arange(0, HIST_BINS)
     hist = tl.load(HIST + bh * HIST_BINS + offs_h)
     tl.store(HIST + bh * HIST_BINS + offs_h, tl.zeros_like(hist))
+    if WITH_MASS:
+        offs_m = tl.arange(0, MASS_BINS)
+        tl.store(BAND_HIST + bh * MASS_BINS + offs_m, tl.zeros([MASS_BINS], tl.int32))
     total = tl.sum(hist)
     bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, HIST_BINS))
 
@@ -371,6 +383,9 @@ def _select_kernel(
     list_base = bh * list_capacity
     rank0 = 0
     slot0 = 0
+    top = tl.full((), float("-inf"), tl.float32)
+    boundary_first = tl.full((), 0, tl.int32)
+    boundary_taken = tl.full((), 0, tl.int32)
     for c0 in range(0, num_clusters, TILE):
         if c0 > 0:
             s_all, w_all = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
@@ -390,6 +405,9 @@ def _select_kernel(
                 left > 0, s_all + tl.log(tl.maximum(left, 1).to(tl.float32)), float("-inf")
             )
             tl.store(MASS + row + cs, mass, mask=cs < num_clusters)
+            top = tl.maximum(top, tl.max(mass))
+            boundary_first += tl.sum(tl.where(cs == boundary, first, 0))
+            boundary_taken += tl.sum(part)
         rank0 += tl.sum(selected.to(tl.int32))
         slot0 += tl.sum(sel_w)
 
@@ -398,103 +416,32 @@ def _select_kernel(
     num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)
     tl.store(COUNT + bh, (num_exact + slot0).to(tl.int32))
     tl.store(NUM_SELECTED + bh, rank0.to(tl.int32))
+    if WITH_MASS:
+        tl.store(MASS_TOP + bh, tl.where(top > float("-inf"), top, 0.0))  # 0: nothing left
+        tl.store(BOUNDARY + 3 * bh, boundary)
+        tl.store(BOUNDARY + 3 * bh + 1, boundary_first)
+        tl.store(BOUNDARY + 3 * bh + 2, boundary_taken)
 
 
 @triton.jit
-def _mass_tile(MASS, row, c0, num_clusters, TILE: tl.constexpr):
-    """Masses of clusters ``c0 .. c0 + TILE`` of a row and a count weight (1 where finite)."""
-    cs = c0 + tl.arange(0, TILE)
-    s = tl.load(MASS + row + cs, mask=cs < num_clusters, other=float("-inf"))
-    return s, (s > float("-inf")).to(tl.int32)
-
-
-@triton.jit
-def _combine_range(max1, min1, max2, min2):
-    return tl.maximum(max1, max2), tl.minimum(min1, min2)
-
-
-@triton.jit
-def _band_kernel(
+def _band_hist_kernel(
     MASS,
-    FAR_COUNT,
-    BAND_CUT,
-    BAND_TIE,
+    MASS_TOP,
+    BAND_HIST,
     num_clusters,
-    TILE: tl.constexpr,
-    MAX_STEPS: tl.constexpr,
+    bins_per_nat,
+    MASS_BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    """The clusters of a partial far field, one (sequence, KV head) per program: the
-    ``FAR_COUNT`` largest finite ``MASS`` values (ties by lower index, as ``select_best``),
-    found by bisection on the values as ``_select_kernel`` does with counts for
-    sizes. Writes ``BAND_CUT = (t, v)`` and ``BAND_TIE = i``: cluster ``c`` is in the far field
-    iff ``mass > t`` or (``mass == v`` and ``c <= i``)."""
+    """The count of clusters with tokens left per mass bin (``select_band``'s bins below the
+    row's largest mass, ``MASS_TOP``), with atomics, many programs per row.
+    Grid: (rows, cluster chunks)."""
     bh = tl.program_id(0).to(tl.int64)
-    row = bh * num_clusters
-    want = tl.load(FAR_COUNT + bh)
-    one_tile = num_clusters <= TILE
-    s_all, w_all = _mass_tile(MASS, row, 0, num_clusters, TILE)
-    total = tl.sum(w_all)
-    b_max, b_min = tl.reduce(
-        (tl.where(w_all > 0, s_all, float("-inf")), tl.where(w_all > 0, s_all, float("inf"))),
-        0,
-        _combine_range,
-    )
-    if not one_tile:
-        for c0 in range(TILE, num_clusters, TILE):
-            s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
-            total += tl.sum(w)
-            max_t, min_t = tl.reduce(
-                (tl.where(w > 0, s, float("-inf")), tl.where(w > 0, s, float("inf"))),
-                0,
-                _combine_range,
-            )
-            b_max = tl.maximum(b_max, max_t)
-            b_min = tl.minimum(b_min, min_t)
-
-    threshold = tl.full((), float("-inf"), tl.float32)
-    tie_value = tl.full((), float("-inf"), tl.float32)
-    tie_last = tl.full((), -1, tl.int32)
-    if total > want:
-        # Invariant: {s > hi} has at most `want` members, {s > lo} more; the undecided values,
-        # those in (lo, hi], span [b_min, b_max].
-        lo = tl.full((), float("-inf"), tl.float32)
-        hi = b_max
-        whole = tl.full((), 0, tl.int32)  # the count of {s > hi}
-        steps = tl.full((), 0, tl.int32)
-        while (b_min < b_max) & (steps < MAX_STEPS):
-            mid = 0.5 * b_min + 0.5 * b_max
-            mid = tl.where(mid >= b_max, b_min, mid)
-            heavy, lower, upper = _bisect_stats(s_all, w_all, lo, mid, hi)
-            if not one_tile:
-                for c0 in range(TILE, num_clusters, TILE):
-                    s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
-                    h_t, l_t, u_t = _bisect_stats(s, w, lo, mid, hi)
-                    heavy += h_t
-                    lower = tl.maximum(lower, l_t)
-                    upper = tl.minimum(upper, u_t)
-            fits = heavy <= want
-            hi = tl.where(fits, mid, hi)
-            whole = tl.where(fits, heavy, whole)
-            b_max = tl.where(fits, lower, b_max)
-            lo = tl.where(fits, lo, mid)
-            b_min = tl.where(fits, b_min, upper)
-            steps += 1
-        threshold = hi
-        tie_value = b_max
-        # the first `want - whole` clusters (by index) of value `b_max` complete the far field
-        need = want - whole
-        cs0 = tl.arange(0, TILE)
-        seen = tl.full((), 0, tl.int32)
-        for c0 in range(0, num_clusters, TILE):
-            s, w = _mass_tile(MASS, row, c0, num_clusters, TILE)
-            tie = ((s == tie_value) & (w > 0)).to(tl.int32)
-            running = seen + tl.cumsum(tie, 0)
-            last = tl.max(tl.where((tie > 0) & (running <= need), c0 + cs0, -1))
-            tie_last = tl.maximum(tie_last, last)
-            seen += tl.sum(tie)
-    tl.store(BAND_CUT + 2 * bh, threshold)
-    tl.store(BAND_CUT + 2 * bh + 1, tie_value)
-    tl.store(BAND_TIE + bh, tie_last)
+    cs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
+    left = mass > float("-inf")
+    bins = _score_bin(mass, tl.load(MASS_TOP + bh), bins_per_nat, MASS_BINS)
+    tl.atomic_add(BAND_HIST + bh * MASS_BINS + bins, left.to(tl.int32), mask=left, sem="relaxed")
 
 
 @triton.jit
@@ -503,65 +450,91 @@ def _band_far_field_kernel(
     VC,
     SIZES,
     MASS,
-    BAND_CUT,
-    BAND_TIE,
+    MASS_TOP,
+    BAND_HIST,
+    FAR_COUNT,
+    BOUNDARY,
+    BOUNDARY_Z,
+    MEMBERS,
     M_PART,
     L_PART,
     ACC_PART,
     num_clusters,
     group,
-    clusters_per_split,
     first_slot,
     num_slots,
+    bins_per_nat,
     HEAD_DIM: tl.constexpr,
+    MASS_BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
 ):
-    """The far field of a partial far field's clusters (``_band_kernel``), split over
-    programs: each cluster in it adds ``N e^z Vc`` (its value centroid is read only then); the
-    partial state goes to slot ``first_slot + split`` of the row's ``num_slots`` (after the
-    exact pass's, which the merge then combines). Clusters outside get ``z = -inf``, so the
-    exact pass removes no far-field term for their selected tokens."""
+    """The far field of a partial far field's clusters (``select_band``: the mass bins, best
+    first, whose running count stays within ``FAR_COUNT``, from ``_band_hist_kernel``), one
+    chunk of ``CHUNK`` clusters per program: it lists the chunk's clusters in the far field
+    (``MEMBERS``, the program's own segment), then adds ``N e^z Vc`` of those alone, reading
+    only their logits and value centroids (a few percent of the clusters: a scan of every
+    cluster's tiles would cost a chain of loads per tile). The partial state goes to slot
+    ``first_slot + chunk`` of the row's ``num_slots`` (after the exact pass's, which the merge
+    then combines). The program holding the partly taken cluster writes its logits to
+    ``BOUNDARY_Z`` (``-inf`` if outside the far field): the exact pass removes that cluster's
+    far-field term from its taken tokens (no other selected cluster has tokens left).
+    Grid: (rows, cluster chunks)."""
     bh = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    chunk = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_c = tl.arange(0, BLOCK_C)
     mask_g = offs_g < group
     mask_d = offs_d < HEAD_DIM
-    cut = tl.load(BAND_CUT + 2 * bh)
-    tie_value = tl.load(BAND_CUT + 2 * bh + 1)
-    tie_last = tl.load(BAND_TIE + bh)
+    # the far field: the mass bins before the first where the running count passes FAR_COUNT
+    counts = tl.load(BAND_HIST + bh * MASS_BINS + tl.arange(0, MASS_BINS))
+    cut = tl.sum((tl.cumsum(counts, 0) <= tl.load(FAR_COUNT + bh)).to(tl.int32))
+    cs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
+    bins = _score_bin(mass, tl.load(MASS_TOP + bh), bins_per_nat, MASS_BINS)
+    in_far = (mass > float("-inf")) & (bins < cut)
+    boundary = tl.load(BOUNDARY + 3 * bh)
+    if (boundary >= chunk * CHUNK) & (boundary < chunk * CHUNK + CHUNK):
+        boundary_in_far = tl.sum((in_far & (cs == boundary)).to(tl.int32)) > 0
+        zb = tl.load(Z + (bh * group + offs_g) * num_clusters + boundary, mask=mask_g)
+        zb = tl.where(boundary_in_far, zb, float("-inf"))
+        tl.store(BOUNDARY_Z + bh * group + offs_g, zb, mask=mask_g)
+    # compaction: the chunk's members, in cluster order, at the start of its segment
+    rank = tl.cumsum(in_far.to(tl.int32), 0) - 1
+    segment = MEMBERS + bh * num_clusters + chunk * CHUNK
+    tl.store(segment + rank, cs.to(tl.int32), mask=in_far)
+    num_members = tl.sum(in_far.to(tl.int32))
+    tl.debug_barrier()  # the members written by every thread of the program are visible
+
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    start = split * clusters_per_split
-    for c0 in range(start, start + clusters_per_split, BLOCK_C):
-        cs = c0 + offs_c
-        mask_c = cs < num_clusters
-        rows = bh * num_clusters + cs
-        mass = tl.load(MASS + rows, mask=mask_c, other=float("-inf"))
-        in_far = (mass > cut) | ((mass == tie_value) & (cs <= tie_last))
-        in_far = in_far & (mass > float("-inf")) & mask_c
-        z_ptr = Z + (bh * group + offs_g[:, None]) * num_clusters + cs[None, :]
-        mask_gc = mask_g[:, None] & mask_c[None, :]
-        z = tl.load(z_ptr, mask=mask_gc & in_far[None, :], other=float("-inf"))
-        tl.store(z_ptr, z, mask=mask_gc & ~in_far[None, :])
-        n = tl.load(SIZES + rows, mask=in_far, other=0).to(tl.float32)
-        m, den, p, alpha = softmax_update(m, den, z, n[None, :])
+    offs_c = tl.arange(0, BLOCK_C)
+    for r0 in range(0, num_members, BLOCK_C):
+        mask_c = r0 + offs_c < num_members
+        ids = tl.load(segment + r0 + offs_c, mask=mask_c, other=0).to(tl.int64)
+        rows = bh * num_clusters + ids
+        z = tl.load(
+            Z + (bh * group + offs_g[:, None]) * num_clusters + ids[None, :],
+            mask=mask_g[:, None] & mask_c[None, :],
+            other=float("-inf"),
+        )
+        n = tl.load(SIZES + rows, mask=mask_c, other=0).to(tl.float32)
         vc = tl.load(
             VC + rows[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=in_far[:, None] & mask_d[None, :],
+            mask=mask_c[:, None] & mask_d[None, :],
             other=0.0,
         )
+        m, den, p, alpha = softmax_update(m, den, z, n[None, :])
         acc = acc * alpha[:, None] + dot(p.to(vc.dtype), vc, NATIVE_DOT)
     store_partial(
         M_PART,
         L_PART,
         ACC_PART,
-        bh * num_slots + first_slot + split,
+        bh * num_slots + first_slot + chunk,
         group,
         m,
         den,

@@ -41,20 +41,33 @@ def log_importance(
     return score.masked_fill(~include, NEG_INF)
 
 
-def select_best(score: torch.Tensor, include: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The ``count`` included clusters of highest score per row, ties by lower index (the
-    clusters of a partial far field; ``_band_kernel`` computes the same).
+# Bins of a partial far field's mass cut: 1/64 nat wide below the row's largest mass; masses 32
+# nats or more below it share the last bin (the fused kernels count the same bins)
+MASS_BINS = 2048
+MASS_BINS_PER_NAT = 64.0
+
+
+def select_band(mass: torch.Tensor, include: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The clusters of a partial far field: the included clusters of largest ``mass``, at most
+    ``count`` per row, taken a bin of ``1 / MASS_BINS_PER_NAT`` nat at a time down from the
+    row's largest mass; the bin that would pass ``count`` is left out whole (so ties never
+    depend on cluster order, and a step needs no search below the bin: the fused kernels
+    count the bins with many programs at once).
 
     Args:
-        score: ``[B, H_kv, C]``; include: ``[B, H_kv, C]`` bool; count: ``[B, H_kv]`` int.
+        mass: ``[B, H_kv, C]``; include: ``[B, H_kv, C]`` bool; count: ``[B, H_kv]`` int.
     Returns:
         ``[B, H_kv, C]`` bool.
     """
-    ranked = score.masked_fill(~include, NEG_INF)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    return include & (rank < count.unsqueeze(-1))
+    masked = mass.masked_fill(~include, NEG_INF)
+    top = masked.amax(-1, keepdim=True)
+    bins = ((top - masked) * MASS_BINS_PER_NAT).clamp(0, MASS_BINS - 1)
+    bins = torch.where(include, bins, MASS_BINS - 1).to(torch.int64)  # (nan where excluded)
+    counts = torch.zeros(*mass.shape[:-1], MASS_BINS, dtype=torch.int64, device=mass.device)
+    counts.scatter_add_(-1, bins, include.to(torch.int64))
+    # the first bin at which the running count passes `count` (MASS_BINS: none does)
+    cut = (counts.cumsum(-1) <= count.unsqueeze(-1)).sum(-1, keepdim=True)
+    return include & (bins < cut)
 
 
 def select_by_budget(
