@@ -81,18 +81,29 @@ def profile_steps(args, budgets, rows) -> None:
         for e in prof.key_averages():
             if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
                 rows.append(
-                    dict(
-                        kind="profile",
-                        context=args.context,
-                        batch=batch,
-                        budget=budget,
-                        far_field_share=share,
+                    _row(
+                        "profile",
+                        args,
+                        batch,
+                        budget,
+                        share,
                         kernel=e.key,
                         us_per_step=e.self_device_time_total / 20,
                     )
                 )
         del state
         torch.cuda.empty_cache()
+
+
+def _row(kind: str, args, batch: int, budget, share: float, **fields) -> dict:
+    return dict(
+        kind=kind,
+        context=args.context,
+        batch=batch,
+        budget=budget,
+        far_field_share=share,
+        **fields,
+    )
 
 
 def step_ms(state, q) -> float:
@@ -106,41 +117,42 @@ def time_variants(args, budgets, rows, variants=None) -> dict:
     """Time each variant (graph replay) per configuration; returns {variant: [ms, ...]}."""
     variants = VARIANTS if variants is None else variants
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for batch in map(int, args.batches.split(",")):
-        for budget in budgets:
-            share = float(args.shares.split(",")[-1])
-            state, q, _, _ = make_state(args.context, batch, budget, share=share)
-            fused_mod.TUNING = fused_mod.Tuning()
-            base = state.attend(q)
-            state.config = dataclasses.replace(state.config, backend="reference")
-            ref = state.attend(q)
-            state.config = dataclasses.replace(state.config, backend="triton")
-            print(
-                f"ctx {args.context} B {batch} budget {budget}: default vs reference "
-                f"{rel_err(base, ref):.2e}",
-                flush=True,
-            )
-            for name, kw in variants.items():
-                fused_mod.TUNING = fused_mod.Tuning(**kw)
-                out = state.attend(q)
-                err = rel_err(out, base)
-                ms = step_ms(state, q)
-                rows.append(
-                    dict(
-                        kind="variant",
-                        context=args.context,
-                        batch=batch,
-                        budget=budget,
-                        variant=name,
-                        ms=ms,
-                        rel_err_vs_default=err,
-                    )
+    shares = [float(x) for x in args.shares.split(",")]
+    batches = map(int, args.batches.split(","))
+    for batch, budget, share in itertools.product(batches, budgets, shares):
+        state, q, _, _ = make_state(args.context, batch, budget, share=share)
+        fused_mod.TUNING = fused_mod.Tuning()
+        base = state.attend(q)
+        state.config = dataclasses.replace(state.config, backend="reference")
+        ref = state.attend(q)
+        state.config = dataclasses.replace(state.config, backend="triton")
+        print(
+            f"ctx {args.context} B {batch} budget {budget} share {share}: default vs reference "
+            f"{rel_err(base, ref):.2e}",
+            flush=True,
+        )
+        for name, kw in variants.items():
+            fused_mod.TUNING = fused_mod.Tuning(**kw)
+            out = state.attend(q)
+            err = rel_err(out, base)
+            ms = step_ms(state, q)
+            rows.append(
+                _row(
+                    "variant",
+                    args,
+                    batch,
+                    budget,
+                    share,
+                    variant=name,
+                    ms=ms,
+                    rel_err_vs_default=err,
                 )
-                print(f"  {name:12s} {ms * 1e3:8.1f} us  err {err:.1e}", flush=True)
-                times[name].append(ms)
-            fused_mod.TUNING = fused_mod.Tuning()
-            del state
-            torch.cuda.empty_cache()
+            )
+            print(f"  {name:12s} {ms * 1e3:8.1f} us  err {err:.1e}", flush=True)
+            times[name].append(ms)
+        fused_mod.TUNING = fused_mod.Tuning()
+        del state
+        torch.cuda.empty_cache()
     return times
 
 
