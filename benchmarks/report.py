@@ -21,21 +21,27 @@ def kernel_table(report: dict) -> str:
         "32 query / 8 KV heads, d=128, bf16, centroid ratio 1/16, CUDA graph replay, median. "
         f"Command: `{meta['command']}`.",
         "",
-        "| context | batch | budget | SDPA ms | multipole ms | speed-up | KV read | "
-        "centroid-only ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = report["rows"]
+    # each method's time and speed-up (KV read for multipole), the partial far field if timed
+    methods = [
+        m
+        for m in ("multipole", "multipole_partial", "centroid_only")
+        if any(r["method"] == m for r in rows)
+    ]
+    header = "| context | batch | budget | SDPA ms |"
+    for m in methods:
+        header += f" {m} ms | speed-up |" + (" KV read |" if m == "multipole" else "")
+    lines += [header, "|---" * (header.count("|") - 1) + "|"]
     for dense in (r for r in rows if r["method"] == "sdpa_dense"):
         key = (dense["context"], dense["batch"], dense["budget"])
         same = {r["method"]: r for r in rows if (r["context"], r["batch"], r["budget"]) == key}
-        mp, co = same["multipole"], same["centroid_only"]
         budget = f"{dense['budget']:.0%}" if isinstance(dense["budget"], float) else dense["budget"]
-        lines.append(
-            f"| {dense['context'] // 1024}K | {dense['batch']} | {budget} | {dense['ms']:.3f} | "
-            f"{mp['ms']:.3f} | {mp['speedup_vs_sdpa']:.2f}x | {mp['read_fraction']:.1%} | "
-            f"{co['ms']:.3f} | {co['speedup_vs_sdpa']:.2f}x |"
-        )
+        line = f"| {dense['context'] // 1024}K | {dense['batch']} | {budget} | {dense['ms']:.3f} |"
+        for m in methods:
+            line += f" {same[m]['ms']:.3f} | {same[m]['speedup_vs_sdpa']:.2f}x |"
+            line += f" {same[m]['read_fraction']:.1%} |" if m == "multipole" else ""
+        lines.append(line)
     skipped = sorted({(r["context"], r["batch"]) for r in rows if r["method"] == "skipped"})
     if skipped:
         lines += [
