@@ -90,6 +90,9 @@ for name in "${runs[@]}"; do
     qwen_ppl16k_partial) eval_run qwen_ppl16k_partial 560 --tasks perplexity --context 16384 \
       --windows 2 --decode-tokens 2048 --fractions 1/32,1/16 \
       --methods multipole_partial,centroid_only ;;
+    qwen_ppl16k_partial_bins) eval_run qwen_ppl16k_partial_bins 420 --tasks perplexity \
+      --context 16384 --windows 2 --decode-tokens 2048 --fractions 1/32,1/16 \
+      --methods multipole_partial ;;
     partial_retrieval) eval_run partial_retrieval 300 --tasks retrieval --context 4096 \
       --retrieval-samples 3 --retrieval-tasks niah_single,niah_multikey,variable_tracking \
       --fractions 1/32,1/16 --methods multipole_partial,centroid_only ;;

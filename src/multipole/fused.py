@@ -22,7 +22,7 @@ selection also writes each cluster's estimated mass (score x tokens left) and th
 largest, ``_band_hist_kernel`` (many programs per row) counts the masses per bin below it, and
 ``_band_far_field_kernel`` (one program per chunk of clusters) lists the chunk's clusters in
 the best bins up to ``far_count`` clusters (``select_band``) and adds their far field, reading
-only their logits and value centroids, into slots after the exact pass's. Of the selected
+only their logits, sizes and value centroids, into slots after the exact pass's. Of the selected
 clusters only the partly taken one can have tokens left, so the exact pass removes a far-field
 term from its tokens alone (its logits written by the far-field pass, ``-inf`` when outside the
 far field): no cluster ids per token.
@@ -45,7 +45,7 @@ from .index import ClusterIndex, take_rows_
 from .ops.kernel_utils import native_dot
 from .ops.lookup.reference import MASS_BINS, MASS_BINS_PER_NAT
 
-BLOCK_C = 64  # centroids per tile of a partial far field's member list
+BAND_BLOCK = 64  # clusters per tile of a partial far field's member list
 SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
 EXPAND_BLOCK = 64  # selected slots per tile of the expansion
@@ -64,7 +64,9 @@ HIST_RANGE = 32.0
 @dataclass
 class Tuning:
     """Launch shapes of the fused step (results do not depend on them). Defaults: the best of
-    ``benchmarks/profile_step.py --pick`` on the H100 (128K, batch 1/4/16, 5% budget)."""
+    ``benchmarks/profile_step.py --pick`` / ``--variants`` on the H100 (128K, batch 1/4/16, 5%
+    budget; ``band_chunk`` untuned). Tile and chunk sizes (``centroid_block``, ``band_chunk``,
+    ``select_tile``, ``block_n``, ``merge_slice``) must be powers of two."""
 
     centroid_programs_per_sm: int = 2  # centroid-pass grid target (rows x splits)
     centroid_block: int = 64  # centroids per tile of the centroid pass
@@ -356,7 +358,7 @@ def fused_decode(
         MASS_BINS=MASS_BINS,
         TILE=tile,
         MAX_STEPS=MAX_BISECT_STEPS,
-        WITH_MASS=partial,
+        PARTIAL_FAR=partial,
         num_warps=tune.select_warps,
     )
 
@@ -440,7 +442,7 @@ def fused_decode(
             MASS_BINS=MASS_BINS,
             CHUNK=band_chunk,
             BLOCK_G=block_g,
-            BLOCK_C=BLOCK_C,
+            BLOCK_C=BAND_BLOCK,
             BLOCK_D=block_d,
             NATIVE_DOT=native,
             num_warps=4,

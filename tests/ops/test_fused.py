@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -48,6 +49,7 @@ CASES = [
     (1, [900], 4, 1, 16, torch.float16, 1.0, 200),  # MHA
     (1, [900], 4, 1, 16, torch.float16, 0.5, 200),
     (2, [640, 999], 2, 2, 32, torch.float32, 1.0, 10**6),  # budget >= context: dense
+    (2, [640, 999], 2, 2, 32, torch.float32, 0.3, 10**6),  # (no cluster left, no boundary)
     (1, [800], 2, 4, 32, torch.float32, 1.0, 0),  # nothing selected: far field only
     (1, [800], 2, 4, 32, torch.float32, 0.2, 0),
 ]
@@ -165,7 +167,7 @@ TUNINGS = {
 def test_launch_variants_match_reference(gen, name, share, monkeypatch, kernel_device):
     """Many small clusters (ratio 1/2), so one tile of the exact pass holds tokens of many
     clusters and the selected list is longer than a window (with a partial far field: the
-    masses written and searched over several tiles)."""
+    masses written and counted over several tiles and chunks)."""
     from multipole import fused
 
     monkeypatch.setattr(fused, "TUNING", fused.Tuning(**TUNINGS[name]))
@@ -297,6 +299,7 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
     mass[spread] = torch.randn(int(spread.sum()), generator=gen) * 30
     mass[torch.rand(rows, clusters, generator=gen) < 0.2] = float("-inf")  # nothing left
     mass[3] = float("-inf")
+    mass[0, 7] = 100.0  # alone in its bin: row 0 (one cluster asked for) keeps it
     left = mass > float("-inf")
     want = torch.tensor([1, 7, 50, 3, 20], dtype=torch.int32)
     z = torch.randn(rows, group, clusters, generator=gen)
@@ -375,5 +378,11 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
         if expected[r].any():
             brute = (weights[r] @ vc[r].double()) / weights[r].sum(-1, keepdim=True)
             assert torch.allclose((acc[r] / den[r][:, None]).double(), brute, atol=1e-5)
+            lse = (m[r, 0] + den[r].log()).double()
+            assert torch.allclose(lse, weights[r].sum(-1).log(), atol=1e-5)
         else:
             assert (den[r] == 0).all()
+    members = members.cpu()  # each chunk lists its clusters of the far field first, in order
+    for r, c0 in itertools.product(range(rows), range(0, clusters, chunk)):
+        ids = expected[r, c0 : c0 + chunk].nonzero().flatten() + c0
+        assert torch.equal(members[r, c0 : c0 + len(ids)].long(), ids)

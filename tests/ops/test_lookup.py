@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from multipole.ops.lookup import cluster_logits, log_importance, select_by_budget
+from multipole.ops.lookup import cluster_logits, log_importance, select_band, select_by_budget
 
 
 def test_log_importance_is_group_sum_of_size_normalised_probabilities(gen):
@@ -63,3 +63,29 @@ def test_budget_is_per_sequence():
         score, sizes, torch.ones(2, 1, 2, dtype=torch.bool), torch.tensor([1, 2])
     )
     assert sel.sum(-1).flatten().tolist() == [1, 2]
+
+
+def test_band_takes_whole_mass_bins_best_first_within_the_count():
+    """Bins of 1/64 nat below the row's largest mass; a bin that would pass the count is left
+    out whole (with every bin after it); excluded clusters never count; 32 nats or more below
+    the largest, everything shares the last bin."""
+    top = 3.0
+    # bins:    0    0 (excl.)  1 (2 tied)      1        2      last   last
+    mass = torch.tensor([top, top, top - 0.02, top - 0.03, top - 0.04, top - 40.0, -50.0])
+    include = torch.tensor([True, False, True, True, True, True, True])
+    expect = {
+        0: [],
+        1: [0],
+        2: [0],
+        3: [0, 2, 3],
+        4: [0, 2, 3, 4],
+        5: [0, 2, 3, 4],
+        6: [0, 2, 3, 4, 5, 6],
+    }
+    for count, kept in expect.items():
+        got = select_band(mass.view(1, 1, -1), include.view(1, 1, -1), torch.tensor([[count]]))
+        assert got[0, 0].nonzero().flatten().tolist() == kept, count
+    none = select_band(
+        mass.view(1, 1, -1), torch.zeros(1, 1, 7, dtype=torch.bool), torch.tensor([[3]])
+    )
+    assert not none.any()

@@ -290,7 +290,7 @@ def _select_kernel(
     MASS_BINS: tl.constexpr,
     TILE: tl.constexpr,
     MAX_STEPS: tl.constexpr,
-    WITH_MASS: tl.constexpr,
+    PARTIAL_FAR: tl.constexpr,
 ):
     """Budget selection of one (sequence, KV head) per program: the largest set
     ``{score > t}`` whose sizes fit in the budget, found in the histogram's boundary bin by
@@ -301,12 +301,13 @@ def _select_kernel(
     For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
     slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
     ``s`` is ``ORDER[SEL_BASE[r] + s]``) and ``SEL_CLUSTER[r]``; then ``COUNT`` (sink, recent
-    window and selected tokens) and ``NUM_SELECTED``. ``WITH_MASS`` (a partial far field): also
+    window and selected tokens) and ``NUM_SELECTED``. ``PARTIAL_FAR`` (a partial far field): also
     ``MASS[c] = score + log(tokens left)`` of every cluster with tokens left (else ``-inf``),
     their largest, ``MASS_TOP`` (0 if none), a cleared ``BAND_HIST`` row for
-    ``_band_hist_kernel``, and ``BOUNDARY = (id, first slot, tokens taken)`` of the partly
-    taken cluster (``-1, 0, 0`` if none): the one selected cluster a partial far field can
-    hold, whose far-field term the exact pass then removes from its taken tokens.
+    ``_band_hist_kernel``, and ``BOUNDARY = (id, first slot, tokens taken)`` of the cluster
+    that gets the rest of the budget (``-1, 0, 0`` if everything fits; it may get none or
+    all of its tokens): the one selected cluster that can have tokens left for a partial far
+    field, whose far-field term the exact pass then removes from its taken tokens.
     """
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_kv_heads
@@ -320,7 +321,7 @@ def _select_kernel(
     offs_h = tl.arange(0, HIST_BINS)
     hist = tl.load(HIST + bh * HIST_BINS + offs_h)
     tl.store(HIST + bh * HIST_BINS + offs_h, tl.zeros_like(hist))
-    if WITH_MASS:
+    if PARTIAL_FAR:
         offs_m = tl.arange(0, MASS_BINS)
         tl.store(BAND_HIST + bh * MASS_BINS + offs_m, tl.zeros([MASS_BINS], tl.int32))
     total = tl.sum(hist)
@@ -399,7 +400,7 @@ def _select_kernel(
         tl.store(SEL_FIRST + list_base + rank, first, mask=selected)
         tl.store(SEL_BASE + list_base + rank, offset - first, mask=selected)
         tl.store(SEL_CLUSTER + list_base + rank, cs, mask=selected)
-        if WITH_MASS:
+        if PARTIAL_FAR:
             left = w_all - sel_w
             mass = tl.where(
                 left > 0, s_all + tl.log(tl.maximum(left, 1).to(tl.float32)), float("-inf")
@@ -416,7 +417,7 @@ def _select_kernel(
     num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)
     tl.store(COUNT + bh, (num_exact + slot0).to(tl.int32))
     tl.store(NUM_SELECTED + bh, rank0.to(tl.int32))
-    if WITH_MASS:
+    if PARTIAL_FAR:
         tl.store(MASS_TOP + bh, tl.where(top > float("-inf"), top, 0.0))  # 0: nothing left
         tl.store(BOUNDARY + 3 * bh, boundary)
         tl.store(BOUNDARY + 3 * bh + 1, boundary_first)
