@@ -170,6 +170,29 @@ def test_per_layer_configs_keep_dense_layers_dense(gen):
     assert cache.layers[1].state is not None
 
 
+def test_cache_argument_uses_the_name_the_model_takes(gen):
+    """``cache`` where the installed transformers renamed ``past_key_values``: generation
+    through it is stock generation (full budget)."""
+    import inspect
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None): ...
+
+    cache = multipole.MultipoleCache(FULL)
+    assert multipole.hf.cache_argument(Old(), cache) == {"past_key_values": cache}
+    model = tiny_model("qwen2", 0)
+    (name,) = multipole.hf.cache_argument(model, cache)
+    assert name in inspect.signature(model.forward).parameters
+    ids = torch.randint(1, 128, (1, 300), generator=gen)
+    model.set_attn_implementation("multipole")
+    with torch.no_grad():
+        ours = model.generate(
+            ids, **multipole.hf.cache_argument(model, cache), max_new_tokens=8, do_sample=False
+        )
+    assert cache.layers[0].state is not None  # the cache was used
+    assert torch.equal(ours, generate(model, ids, max_new_tokens=8))
+
+
 def test_misuse_fails_with_a_clear_message(gen):
     model = tiny_model("llama", 0)
     ids = torch.randint(1, 128, (1, 300), generator=gen)

@@ -232,6 +232,8 @@ def generate_text(
     """
     from transformers import TextStreamer
 
+    from .hf import cache_argument
+
     sampling = sampling or Sampling()
     torch.manual_seed(sampling.seed)
     times: list[float] = []
@@ -256,7 +258,7 @@ def generate_text(
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
+            **cache_argument(model, cache),
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             streamer=Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),

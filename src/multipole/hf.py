@@ -4,6 +4,9 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="multipole")
     out = model.generate(**inputs, past_key_values=multipole.MultipoleCache(cfg))
 
+(transformers releases that rename the argument take ``cache=`` instead; ``cache_argument``
+picks the name the installed one uses.)
+
 Importing this module registers the attention function ``"multipole"`` (and transformers' SDPA
 mask under the same name, so padding masks reach it). Prompt processing (any query longer
 than one token) is exact SDPA. At the first one-token decode step of a layer, the keys and
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -408,6 +412,15 @@ class MultipoleCache(Cache):
 _SDPA_BACKENDS = [
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
 ]  # fmt: skip
+
+
+def cache_argument(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    """The keyword that hands ``cache`` to ``model(...)`` or ``model.generate(...)``: ``cache``
+    where the installed transformers calls it so (recent 5.x releases, which deprecate
+    ``past_key_values`` until 5.40), else ``past_key_values``. Example:
+    ``model.generate(**inputs, **cache_argument(model, MultipoleCache(cfg)))``."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
 
 
 def multipole_attention_forward(

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from ..config import MultipoleConfig
-from ..hf import MultipoleCache
+from ..hf import MultipoleCache, cache_argument
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Run:
 def prefill(model, input_ids: torch.Tensor) -> DynamicCache:
     """Dense prompt pass (SDPA) over ``input_ids [B, N]``; returns its cache."""
     cache = DynamicCache()
-    model(input_ids, past_key_values=cache, use_cache=True)
+    model(input_ids, **cache_argument(model, cache), use_cache=True)
     return cache
 
 
@@ -94,7 +94,8 @@ def teacher_forced(
         log_probs = {}
         for run in runs:
             cache = caches[run.label]
-            logits = model(token, past_key_values=cache, position_ids=positions).logits[:, -1]
+            logits = model(token, **cache_argument(model, cache), position_ids=positions)
+            logits = logits.logits[:, -1]
             log_probs[run.label] = torch.log_softmax(logits.float(), dim=-1)
             nll[run.label][:, i] = -log_probs[run.label].gather(-1, target)[:, 0]
             fractions[run.label].append(read_fraction(cache))
@@ -145,7 +146,7 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int) -> torch.Tensor
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_argument(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,
