@@ -29,7 +29,7 @@ from multipole.eval.decoding import (
 )
 from multipole.eval.harness import METHODS, EvalSettings, runs_for
 from multipole.generate import sync
-from multipole.hf import cache_argument
+from multipole.hf import cache_keyword
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -65,6 +65,7 @@ def main() -> None:
     if "dense" in args.methods.split(","):
         runs = [Run("dense", None), *runs]
     prompt = prefill(model, ids[:, : args.context])
+    keyword = cache_keyword(model)
     results = {}
     for run in runs:
         method = run.label.split("@")[0]
@@ -78,9 +79,7 @@ def main() -> None:
                     if method == args.profile:
                         host.enable()
                 positions = torch.full((args.windows, 1), t, device=device)
-                logits = model(
-                    ids[:, t : t + 1], **cache_argument(model, cache), position_ids=positions
-                )
+                logits = model(ids[:, t : t + 1], **{keyword: cache}, position_ids=positions)
                 torch.log_softmax(logits.logits[:, -1].float(), dim=-1)
                 read_fraction(cache)
             host.disable()

@@ -170,25 +170,33 @@ def test_per_layer_configs_keep_dense_layers_dense(gen):
     assert cache.layers[1].state is not None
 
 
-def test_cache_argument_uses_the_name_the_model_takes(gen):
-    """``cache`` where the installed transformers renamed ``past_key_values``: generation
-    through it is stock generation (full budget)."""
+def test_cache_keyword_is_the_name_the_installed_transformers_takes(gen):
+    """``cache`` where transformers renamed ``past_key_values`` (no deprecation warning for
+    the name chosen), through wrappers; generation through it is stock generation."""
     import inspect
+    import warnings
+
+    from transformers.generation import utils
 
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None): ...
 
-    cache = multipole.MultipoleCache(FULL)
-    assert multipole.hf.cache_argument(Old(), cache) == {"past_key_values": cache}
+    class Wrapped(torch.nn.Module):  # a forward of **kwargs only: the library decides
+        def forward(self, *args, **kwargs): ...
+
+    assert multipole.hf.cache_keyword(Old()) == "past_key_values"
+    renamed = "cache" in getattr(utils, "ALL_CACHE_NAMES", ())
+    assert multipole.hf.cache_keyword(Wrapped()) == ("cache" if renamed else "past_key_values")
     model = tiny_model("qwen2", 0)
-    (name,) = multipole.hf.cache_argument(model, cache)
+    name = multipole.hf.cache_keyword(model)
     assert name in inspect.signature(model.forward).parameters
+    assert multipole.hf.cache_keyword(torch.compile(model)) == name  # (compiles nothing)
     ids = torch.randint(1, 128, (1, 300), generator=gen)
     model.set_attn_implementation("multipole")
-    with torch.no_grad():
-        ours = model.generate(
-            ids, **multipole.hf.cache_argument(model, cache), max_new_tokens=8, do_sample=False
-        )
+    cache = multipole.MultipoleCache(FULL)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        ours = model.generate(ids, **{name: cache}, max_new_tokens=8, do_sample=False)
     assert cache.layers[0].state is not None  # the cache was used
     assert torch.equal(ours, generate(model, ids, max_new_tokens=8))
 

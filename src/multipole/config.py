@@ -62,12 +62,12 @@ class MultipoleConfig:
             an int is a number of tokens, a float in (0, 1) a fraction of the clustered region.
         replacement: add the far-field term of unselected clusters (Multipole); False gives
             the centroid-only ("Squeezed") variant.
-        far_field_share: at most this fraction of the live clusters (rounded, at least one)
-            enters the far field: those of largest estimated attention mass among the clusters
-            with tokens left after selection, taken in whole bins of 1/64 nat of mass
-            (``select_band``), so fewer (possibly none) when masses tie within a bin at the
-            cut; only their value centroids are read, the other unselected clusters are
-            dropped. 1.0 (default) is the paper's far field over every unselected cluster.
+        far_field_share: the far field holds at most ``max(1, round(share x live))``
+            clusters: those of largest estimated attention mass among the clusters with tokens
+            left after selection, taken in whole bins of 1/64 nat of mass (``select_band``),
+            so fewer, even none, when masses tie within the bin at the cut. Only their value
+            centroids are read; the other unselected clusters are dropped. 1.0 (default) is
+            the paper's far field over every unselected cluster.
             Values below 1 need ``levels == 1``; without ``replacement`` it has no effect.
         far_field_keys: key centroids used for the far-field logits: ``"clustering"`` scores
             the clustering-key centroids with the lookup query (the paper's code);

@@ -79,6 +79,12 @@ class Tuning:
     merge_slice: int = 16  # head-dim columns per merge program
     block_n: int = 64  # token slots per tile of the exact pass
 
+    def __post_init__(self) -> None:
+        for name in ("centroid_block", "band_chunk", "select_tile", "merge_slice", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"Tuning.{name}: expected a power of two >= 16, got {value}")
+
 
 TUNING = Tuning()
 
@@ -442,7 +448,7 @@ def fused_decode(
             MASS_BINS=MASS_BINS,
             CHUNK=band_chunk,
             BLOCK_G=block_g,
-            BLOCK_C=BAND_BLOCK,
+            BLOCK_M=BAND_BLOCK,
             BLOCK_D=block_d,
             NATIVE_DOT=native,
             num_warps=4,

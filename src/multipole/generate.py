@@ -232,7 +232,7 @@ def generate_text(
     """
     from transformers import TextStreamer
 
-    from .hf import cache_argument
+    from .hf import cache_keyword
 
     sampling = sampling or Sampling()
     torch.manual_seed(sampling.seed)
@@ -258,7 +258,7 @@ def generate_text(
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            **cache_argument(model, cache),
+            **{cache_keyword(model): cache},
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             streamer=Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),

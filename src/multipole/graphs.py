@@ -304,10 +304,10 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, cache: Any, *, enabled: bool = True) -> None:
-        from .hf import cache_argument  # (hf imports this module)
+        from .hf import cache_keyword  # (hf imports this module)
 
         self.model, self.cache = model, cache
-        self._cache_argument = cache_argument(model, cache)
+        self._cache_keyword = cache_keyword(model)
         self.replays = self.captures = self.eager_steps = 0
         self.failure: str | None = None
         self._enabled = enabled
@@ -375,7 +375,7 @@ class GraphedDecoder:
             out = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,
-                **self._cache_argument,
+                **{self._cache_keyword: self.cache},
                 use_cache=True,
                 logits_to_keep=1,
             )

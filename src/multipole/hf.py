@@ -4,8 +4,8 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="multipole")
     out = model.generate(**inputs, past_key_values=multipole.MultipoleCache(cfg))
 
-(transformers releases that rename the argument take ``cache=`` instead; ``cache_argument``
-picks the name the installed one uses.)
+(transformers releases that renamed the argument, 5.25 among them, take ``cache=`` instead;
+``cache_keyword(model)`` gives the name the installed one uses.)
 
 Importing this module registers the attention function ``"multipole"`` (and transformers' SDPA
 mask under the same name, so padding masks reach it). Prompt processing (any query longer
@@ -73,8 +73,9 @@ from .state import DecodeState
 
 ATTENTION_NAME = "multipole"
 
-# The cache whose ``update`` ran last in this context: every supported model calls
-# ``past_key_values.update(...)`` right before its attention function, for the same layer.
+# The cache whose ``update`` ran last in this context: every supported model updates its cache
+# (``past_key_values.update(...)``, ``cache.update(...)`` in newer releases) right before its
+# attention function, for the same layer.
 _ACTIVE_CACHE: contextvars.ContextVar[MultipoleCache | None] = contextvars.ContextVar(
     "multipole_active_cache", default=None
 )
@@ -414,13 +415,25 @@ _SDPA_BACKENDS = [
 ]  # fmt: skip
 
 
-def cache_argument(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
-    """The keyword that hands ``cache`` to ``model(...)`` or ``model.generate(...)``: ``cache``
-    where the installed transformers calls it so (recent 5.x releases, which deprecate
-    ``past_key_values`` until 5.40), else ``past_key_values``. Example:
-    ``model.generate(**inputs, **cache_argument(model, MultipoleCache(cfg)))``."""
-    parameters = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword that hands a cache to ``model(...)`` and ``model.generate(...)``: ``"cache"``
+    with transformers releases that renamed it (5.25 here: ``past_key_values`` still works,
+    deprecated until 5.40 for a model's forward and 6.0 for ``generate``), else
+    ``"past_key_values"``. Read from the forward's named parameters (through torch.compile,
+    DDP and PEFT wrappers), or from the library's cache names for a forward that takes
+    ``**kwargs`` only. Example: ``model.generate(**inputs, **{cache_keyword(model): cache})``."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    if isinstance(inner, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    parameters = inspect.signature(inner.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def multipole_attention_forward(

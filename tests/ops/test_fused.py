@@ -354,7 +354,7 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
         MASS_BINS=MASS_BINS,
         CHUNK=chunk,
         BLOCK_G=4,
-        BLOCK_C=16,
+        BLOCK_M=16,
         BLOCK_D=d,
         NATIVE_DOT=False,
     )
@@ -386,3 +386,13 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
     for r, c0 in itertools.product(range(rows), range(0, clusters, chunk)):
         ids = expected[r, c0 : c0 + chunk].nonzero().flatten() + c0
         assert torch.equal(members[r, c0 : c0 + len(ids)].long(), ids)
+
+
+def test_tuning_rejects_tiles_that_are_not_powers_of_two():
+    from multipole import fused
+
+    with pytest.raises(ValueError, match=r"Tuning\.band_chunk: expected a power of two >= 16"):
+        fused.Tuning(band_chunk=1000)
+    with pytest.raises(ValueError, match=r"Tuning\.block_n"):
+        fused.Tuning(block_n=8)
+    assert fused.Tuning(centroid_block=128).centroid_block == 128

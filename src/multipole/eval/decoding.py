@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from ..config import MultipoleConfig
-from ..hf import MultipoleCache, cache_argument
+from ..hf import MultipoleCache, cache_keyword
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Run:
 def prefill(model, input_ids: torch.Tensor) -> DynamicCache:
     """Dense prompt pass (SDPA) over ``input_ids [B, N]``; returns its cache."""
     cache = DynamicCache()
-    model(input_ids, **cache_argument(model, cache), use_cache=True)
+    model(input_ids, **{cache_keyword(model): cache}, use_cache=True)
     return cache
 
 
@@ -87,6 +87,7 @@ def teacher_forced(
     nll = {run.label: torch.zeros(w, steps, device=input_ids.device) for run in runs}
     kl = {run.label: torch.zeros(w, steps, device=input_ids.device) for run in runs}
     fractions: dict[str, list[float]] = {run.label: [] for run in runs}
+    keyword = cache_keyword(model)
     for i, t in enumerate(range(prefix, n - 1)):
         token = input_ids[:, t : t + 1]
         target = input_ids[:, t + 1 : t + 2]
@@ -94,8 +95,8 @@ def teacher_forced(
         log_probs = {}
         for run in runs:
             cache = caches[run.label]
-            logits = model(token, **cache_argument(model, cache), position_ids=positions)
-            logits = logits.logits[:, -1]
+            out = model(token, **{keyword: cache}, position_ids=positions)
+            logits = out.logits[:, -1]
             log_probs[run.label] = torch.log_softmax(logits.float(), dim=-1)
             nll[run.label][:, i] = -log_probs[run.label].gather(-1, target)[:, 0]
             fractions[run.label].append(read_fraction(cache))
@@ -146,7 +147,7 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int) -> torch.Tensor
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        **cache_argument(model, cache),
+        **{cache_keyword(model): cache},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,

@@ -469,7 +469,7 @@ def _band_far_field_kernel(
     MASS_BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
 ):
@@ -513,8 +513,8 @@ def _band_far_field_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    offs_c = tl.arange(0, BLOCK_C)
-    for r0 in range(0, num_members, BLOCK_C):
+    offs_c = tl.arange(0, BLOCK_M)
+    for r0 in range(0, num_members, BLOCK_M):
         mask_c = r0 + offs_c < num_members
         ids = tl.load(segment + r0 + offs_c, mask=mask_c, other=0).to(tl.int64)
         rows = bh * num_clusters + ids
