@@ -477,7 +477,7 @@ def _band_far_field_kernel(
     first, whose running count stays within ``FAR_COUNT``, from ``_band_hist_kernel``), one
     chunk of ``CHUNK`` clusters per program: it lists the chunk's clusters in the far field
     (``MEMBERS``, the program's own segment), then adds ``N e^z Vc`` of those alone, reading
-    only their logits and value centroids (a few percent of the clusters: a scan of every
+    only their logits, sizes and value centroids (a few percent of the clusters: a scan of every
     cluster's tiles would cost a chain of loads per tile). The partial state goes to slot
     ``first_slot + chunk`` of the row's ``num_slots`` (after the exact pass's, which the merge
     then combines). The program holding the partly taken cluster writes its logits to
