@@ -50,9 +50,9 @@ SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
 EXPAND_BLOCK = 64  # selected slots per tile of the expansion
 RANK_CHUNK = 1024  # list entries per step when an expansion program finds its first cluster
-# bound on the threshold searches (they stop when the boundary is one value): each step at least
-# halves the span of the undecided float32 values, so 64 steps reach one value in practice; a
-# search cut short keeps fewer clusters (never more) than asked
+# bound on the selection's threshold search (it stops when the boundary is one value): each step
+# at least halves the span of the undecided float32 values, so 64 steps reach one value in
+# practice; a search cut short keeps fewer clusters (never more) than asked
 MAX_BISECT_STEPS = 64
 # Score histogram of the selection: bins of 1/64 nat below log(group), the largest possible
 # score; scores more than 32 nats below it share the last bin (the bisection still separates

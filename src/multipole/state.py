@@ -767,7 +767,8 @@ def dense_attention(
 def _far_field_clusters(config: MultipoleConfig, scored: torch.Tensor) -> torch.Tensor:
     """Value centroids a step is charged for the far field, out of ``scored`` live centroids:
     ``far_field_share`` of them (rounded, at least one), none without the far field. An upper
-    bound: when fewer clusters have tokens left, fewer are read."""
+    bound: fewer are read when fewer clusters have tokens left or when ``select_band`` leaves
+    out the bin of masses at its cut."""
     if not config.replacement:
         return torch.zeros_like(scored)
     share = torch.round(scored.to(torch.float64) * config.far_field_share).to(scored.dtype)
