@@ -31,19 +31,16 @@ DEVICE = "cuda"  # (a dry run of this script's logic can set "cpu" under TRITON_
 
 VARIANTS = {
     "default": {},
-    "expand2": dict(expand_programs_per_sm=2),
     "expand4": dict(expand_programs_per_sm=4),
-    "expand16": dict(expand_programs_per_sm=16),
     "exact4": dict(exact_programs_per_sm=4),
-    "exact8": dict(exact_programs_per_sm=8),
-    "bn32": dict(block_n=32),
     "bn128": dict(block_n=128),
     "cent4": dict(centroid_programs_per_sm=4),
     "cblock128": dict(centroid_block=128),
-    "cblock128cent4": dict(centroid_block=128, centroid_programs_per_sm=4),
-    "sel4096w8": dict(select_tile=4096, select_warps=8),
-    "selw8": dict(select_warps=8),
-    "selw32": dict(select_warps=32),
+    "keys2": dict(keys_only_programs_per_sm=2),
+    "kblock128": dict(keys_only_block=128),
+    "kbn64": dict(keys_only_block_n=64),
+    "select256": dict(select_chunk=256),
+    "select1024": dict(select_chunk=1024),
 }
 KMEANS_VARIANTS = {
     "default": {},

@@ -1,4 +1,4 @@
-"""The fused decode step: six Triton launches (eight with a partial far field), no host
+"""The fused decode step: seven Triton launches (nine with a partial far field), no host
 synchronisation, fixed shapes.
 
 1. centroid pass (``ops/lookup/kernel.py``): logits of the group against every centroid and
@@ -6,10 +6,12 @@ synchronisation, fixed shapes.
    programs;
 2. scores (many programs per row): each cluster's estimated attention mass (the paper's eq. 1,
    summed over the group), and the far field of all clusters reduced over the splits;
-3. selection (one program per row): the score bin where the budget runs out, from a histogram
-   of cluster sizes over score bins that the scoring fills, then the exact threshold by
-   bisection on the score values of that bin only, then the compact list of selected clusters
-   (first slot, where their tokens start in ``order``, id);
+3. selection (two launches, many programs per row, one per chunk of clusters): the score bin
+   where the budget runs out, from a histogram of cluster sizes over score bins that the
+   scoring fills, and each chunk's totals before and in that bin; then each chunk's clusters
+   placed from prefix sums of the totals (``take_by_budget``: bins, then cluster order), as
+   the compact list of selected clusters (first slot, where their tokens start in ``order``,
+   id);
 4. expansion (``ops/decode/kernel.py``, many programs per row): the position and cluster of
    every selected token, so that
 5. split-K flash decoding over the sink, the recent window and the selected tokens reads one
@@ -43,44 +45,40 @@ import torch
 
 from .index import ClusterIndex, take_rows_
 from .ops.kernel_utils import native_dot
-from .ops.lookup.reference import MASS_BINS, MASS_BINS_PER_NAT
+from .ops.lookup.reference import BINS, BINS_PER_NAT
 
 BAND_BLOCK = 64  # clusters per tile of a partial far field's member list
 SCORE_CHUNK = 256  # clusters per program of the scoring
 FAR_SLICE = 32  # head-dim columns per program of the far-field reduction
 EXPAND_BLOCK = 64  # selected slots per tile of the expansion
 RANK_CHUNK = 1024  # list entries per step when an expansion program finds its first cluster
-# bound on the selection's threshold search (it stops when the boundary is one value): each step
-# at least halves the span of the undecided float32 values, so 64 steps reach one value in
-# practice; a search cut short keeps fewer clusters (never more) than asked
-MAX_BISECT_STEPS = 64
-# Score histogram of the selection: bins of 1/64 nat below log(group), the largest possible
-# score; scores more than 32 nats below it share the last bin (the bisection still separates
-# them, in more steps).
-HIST_BINS = 2048
-HIST_RANGE = 32.0
 
 
 @dataclass
 class Tuning:
     """Launch shapes of the fused step (results do not depend on them). Defaults: the best of
-    ``benchmarks/profile_step.py --pick`` / ``--variants`` on the H100 (128K, batch 1/4/16, 5%
-    budget; ``band_chunk`` untuned). Tile and chunk sizes (``centroid_block``, ``band_chunk``,
-    ``select_tile``, ``block_n``, ``merge_slice``) must be powers of two."""
+    ``benchmarks/profile_step.py --variants`` on the H100 (128K, batch 1/4/16, 5% budget, the
+    full and a partial far field; ``band_chunk`` untuned). Tile and chunk sizes must be powers
+    of two."""
 
     centroid_programs_per_sm: int = 2  # centroid-pass grid target (rows x splits)
     centroid_block: int = 64  # centroids per tile of the centroid pass
     band_chunk: int = 1024  # clusters per program of a partial far field (one state each)
     exact_programs_per_sm: int = 2  # exact-pass grid target
     exact_min_split: int = 64  # fewest token slots per exact-pass program (multiple of BLOCK_N)
-    select_tile: int = 8192  # clusters per tile of the selection (held in registers)
-    select_warps: int = 16
+    select_chunk: int = 512  # clusters per program of the selection
     expand_programs_per_sm: int = 8  # expansion grid target
     merge_slice: int = 16  # head-dim columns per merge program
     block_n: int = 64  # token slots per tile of the exact pass
+    # Without the full far field (a partial one or none) the centroid pass reads key centroids
+    # only and the exact pass no cluster logits per token: more programs and longer tiles pay.
+    keys_only_programs_per_sm: int = 4
+    keys_only_block: int = 64
+    keys_only_block_n: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("centroid_block", "band_chunk", "select_tile", "merge_slice", "block_n"):
+        tiles = ("centroid_block", "keys_only_block", "band_chunk", "select_chunk", "merge_slice")
+        for name in (*tiles, "block_n", "keys_only_block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"Tuning.{name}: expected a power of two >= 16, got {value}")
@@ -227,6 +225,7 @@ def fused_decode(
         _centroid_pass_kernel,
         _score_kernel,
         _select_kernel,
+        _select_totals_kernel,
     )
 
     for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
@@ -256,12 +255,11 @@ def fused_decode(
     full_far = replacement and not partial  # the far field of every cluster, from pass 1
 
     # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
-    per_c, splits_c = _per_split(
-        num_clusters,
-        rows,
-        tune.centroid_block,
-        _target_programs(dev, tune.centroid_programs_per_sm),
-    )
+    if full_far:
+        c_block, c_per_sm = tune.centroid_block, tune.centroid_programs_per_sm
+    else:
+        c_block, c_per_sm = tune.keys_only_block, tune.keys_only_programs_per_sm
+    per_c, splits_c = _per_split(num_clusters, rows, c_block, _target_programs(dev, c_per_sm))
     z = buf("z", (b, h, g, num_clusters), f32)
     m_c = buf("m_c", (rows, splits_c, g), f32)
     l_c = buf("l_c", (rows, splits_c, g), f32)
@@ -282,7 +280,7 @@ def fused_decode(
         splits_c,
         HEAD_DIM=d,
         BLOCK_G=block_g,
-        BLOCK_C=tune.centroid_block,
+        BLOCK_C=c_block,
         BLOCK_D=block_d,
         WITH_FAR=full_far,
         NATIVE_DOT=native,
@@ -291,7 +289,7 @@ def fused_decode(
 
     # 2. Scores and the far field reduced over the splits; 3. selection.
     list_capacity = max(1, min(num_clusters, max_budget))
-    block_n = tune.block_n
+    block_n = tune.block_n if full_far else tune.keys_only_block_n
     exact_capacity = -(-(sink_tokens + max_recent) // block_n) * block_n
     token_capacity = exact_capacity + max_budget
     score = buf("score", (rows, num_clusters), f32)
@@ -303,9 +301,8 @@ def fused_decode(
     far_m = buf("far_m", (rows, g), f32)
     far_l = buf("far_l", (rows, g), f32)
     far_acc = buf("far_acc", (rows, g, d), f32)
-    hist = buf("hist", (rows, HIST_BINS), i32, zero=True)  # the selection clears it
-    hist_args = (math.log(g), HIST_BINS / HIST_RANGE)
-    tile = min(tune.select_tile, _pow2(num_clusters))
+    hist = buf("hist", (rows, BINS), i32, zero=True)  # the selection clears it
+    hist_args = (math.log(g), BINS_PER_NAT)  # bins below the largest score, log(group)
     rows_g = _pow2(g, 1)
     split_pad_c = _pow2(splits_c, 2)
     _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
@@ -324,7 +321,7 @@ def fused_decode(
         splits_c,
         *hist_args,
         HEAD_DIM=d,
-        HIST_BINS=HIST_BINS,
+        BINS=BINS,
         ROWS=rows_g,
         SPLIT_PAD=split_pad_c,
         CHUNK=SCORE_CHUNK,
@@ -335,10 +332,32 @@ def fused_decode(
     )
     mass = buf("mass", (rows, num_clusters), f32) if partial else score
     mass_top = buf("mass_top", (rows,), f32) if partial else far_m
-    band_hist = buf("band_hist", (rows, MASS_BINS), i32, zero=True) if partial else hist
+    band_hist = buf("band_hist", (rows, BINS), i32, zero=True) if partial else hist
     boundary = buf("boundary", (rows, 3), i32) if partial else count
     boundary_z = buf("boundary_z", (rows, g), f32) if partial else far_m
-    _select_kernel[(rows,)](
+    select_chunk = min(tune.select_chunk, _pow2(num_clusters))
+    select_chunks = -(-num_clusters // select_chunk)
+    row_bin = buf("row_bin", (rows,), i32)
+    totals = buf("select_totals", (rows, select_chunks, 4), i32)
+    _select_totals_kernel[(rows, select_chunks)](
+        score,
+        hist,
+        layout.sizes,
+        budget,
+        row_bin,
+        totals,
+        mass_top,
+        band_hist,
+        boundary,
+        h,
+        num_clusters,
+        *hist_args,
+        BINS=BINS,
+        CHUNK=select_chunk,
+        PARTIAL_FAR=partial,
+        num_warps=4,
+    )
+    _select_kernel[(rows, select_chunks)](
         score,
         hist,
         layout.sizes,
@@ -346,6 +365,8 @@ def fused_decode(
         budget,
         seq_lens,
         clustered_len,
+        row_bin,
+        totals,
         sel_first,
         sel_base,
         sel_cluster,
@@ -353,19 +374,17 @@ def fused_decode(
         num_selected,
         mass,
         mass_top,
-        band_hist,
         boundary,
         h,
         num_clusters,
         list_capacity,
         sink_tokens,
         *hist_args,
-        HIST_BINS=HIST_BINS,
-        MASS_BINS=MASS_BINS,
-        TILE=tile,
-        MAX_STEPS=MAX_BISECT_STEPS,
+        BINS=BINS,
+        CHUNK=select_chunk,
+        CHUNKS_PAD=_pow2(select_chunks, 2),
         PARTIAL_FAR=partial,
-        num_warps=tune.select_warps,
+        num_warps=4,
     )
 
     # 4. Positions (and clusters) of the selected tokens, many programs per row.
@@ -420,8 +439,8 @@ def fused_decode(
             mass_top,
             band_hist,
             num_clusters,
-            MASS_BINS_PER_NAT,
-            MASS_BINS=MASS_BINS,
+            BINS_PER_NAT,
+            BINS=BINS,
             CHUNK=SCORE_CHUNK,
             num_warps=4,
         )
@@ -443,9 +462,9 @@ def fused_decode(
             g,
             splits_n,
             slots,
-            MASS_BINS_PER_NAT,
+            BINS_PER_NAT,
             HEAD_DIM=d,
-            MASS_BINS=MASS_BINS,
+            BINS=BINS,
             CHUNK=band_chunk,
             BLOCK_G=block_g,
             BLOCK_M=BAND_BLOCK,

@@ -643,9 +643,9 @@ class MultipoleState(DecodeState):
             scored = live1.sum(-1) + candidates.sum(-1)
 
         score0 = log_importance(z0, candidates, log_denominator)
-        taken = take_by_budget(
-            score0, level0.sizes, candidates, self._per_sequence(cfg.budget_tokens)
-        )
+        budget = self._per_sequence(cfg.budget_tokens)
+        # scores are at most log(group): a cluster with every query head's whole probability
+        taken = take_by_budget(score0, level0.sizes, candidates, budget, math.log(q.shape[2]))
 
         exact, middle, _ = self._regions()
         labels = index.labels[:, :, :n]

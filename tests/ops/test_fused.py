@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
@@ -141,23 +142,27 @@ def test_decode_steps_do_not_sync_with_the_host(gen):
 
 
 TUNINGS = {
-    # a selection over several tiles, many small exact-pass programs with 32-slot tiles,
+    # a selection over many chunks, many small exact-pass programs with 32-slot tiles,
     # one-tile expansion programs, small centroid tiles and partial far-field chunks; one long
-    # exact-pass and one expansion program per row, large centroid tiles
+    # exact-pass and one expansion program per row, large centroid tiles, one selection chunk
     "tiles": dict(
-        select_tile=128,
-        select_warps=4,
+        select_chunk=16,
         block_n=32,
+        keys_only_block_n=32,
         exact_programs_per_sm=8,
         expand_programs_per_sm=64,
         centroid_block=16,
+        keys_only_block=16,
         band_chunk=64,
     ),
     "long": dict(
         exact_min_split=4096,
         centroid_programs_per_sm=1,
+        keys_only_programs_per_sm=1,
         expand_programs_per_sm=1,
         centroid_block=128,
+        keys_only_block=128,
+        select_chunk=1024,
     ),
 }
 
@@ -224,11 +229,12 @@ def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int,
     return layout, q, n
 
 
-@pytest.mark.parametrize("tile", [8192, 128])
+@pytest.mark.parametrize("chunk", [512, 64, 16])
 @pytest.mark.parametrize("kind", ["spread", "ties", "far"])
-def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel_device):
+def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, chunk, kernel_device):
     """The kernels' selection is ``take_by_budget`` on their own scores, token for token, for
-    budgets from nothing to everything (one per sequence), over one tile or several; the
+    budgets from nothing to everything (one per sequence), over one chunk of clusters or many
+    (the crossing of the budget then in a chunk before, at or after a program's own); the
     expansion lists the taken clusters' tokens in order; the score histogram is left cleared
     for the next step."""
     from multipole import fused
@@ -240,7 +246,7 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
     keys, values = torch.randn(2, b, h, sink + n, d, generator=gen).to(dev)
     lengths = torch.full((b,), sink + n)
     q = q.to(dev)
-    tuning = fused.Tuning(select_tile=tile, select_warps=4)
+    tuning = fused.Tuning(select_chunk=chunk)
     for _ in range(2):  # the second step must not see the first step's histogram
         fused.fused_decode(
             q,
@@ -261,9 +267,8 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
         scratch = {k: t.cpu() for k, t in layout.scratch.items()}
         assert not scratch["hist"].any()
         score = scratch["score"].view(b, h, c)
-        expect = take_by_budget(
-            score, layout.sizes.cpu(), torch.ones_like(score, dtype=torch.bool), budget
-        )
+        everything = torch.ones_like(score, dtype=torch.bool)
+        expect = take_by_budget(score, layout.sizes.cpu(), everything, budget, math.log(4))
         # the expansion: selected slot after slot, each taken cluster's first tokens in order
         order, offsets = layout.order.cpu().view(b * h, -1), layout.offsets.cpu().view(b * h, c)
         for row, want in enumerate(expect.view(b * h, c)):
@@ -276,9 +281,10 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, tile, kernel
                 scratch["cluster"][row, :used].long(), clusters.repeat_interleave(want[clusters])
             )
             assert torch.equal(scratch["pos"][row, :used], torch.cat(positions).to(torch.int32))
-    if kind == "spread":  # with ties (also the 5 equal dominant clusters of "far") the
-        # clusters tied with the boundary one give nothing
-        assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]
+    # the budget is used to the last token (or everything is taken), at most one cluster in part
+    assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]
+    sizes = layout.sizes.cpu().long()
+    assert (((expect > 0) & (expect < sizes)).sum(-1) <= 1).all()
 
 
 @pytest.mark.parametrize("chunk", [16, 64], ids=["chunks4", "chunk1"])
@@ -290,7 +296,7 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
     outside the far field)."""
     from multipole.ops.lookup import select_band
     from multipole.ops.lookup.kernel import _band_far_field_kernel, _band_hist_kernel
-    from multipole.ops.lookup.reference import MASS_BINS, MASS_BINS_PER_NAT
+    from multipole.ops.lookup.reference import BINS, BINS_PER_NAT
 
     rows, clusters, group, d = 5, 50, 3, 16
     # ties on a coarse grid, and values spread over more than the bins' range
@@ -306,12 +312,12 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
     vc = torch.randn(rows, clusters, d, generator=gen)
     sizes = torch.randint(1, 9, (rows, clusters), generator=gen, dtype=torch.int32)
     top = mass.amax(-1).masked_fill(~left.any(-1), 0.0)  # as the selection writes it
-    hist = torch.full((rows, MASS_BINS), 0, dtype=torch.int32)
+    hist = torch.full((rows, BINS), 0, dtype=torch.int32)
     dev = kernel_device
     zk, histk = z.clone().to(dev), hist.to(dev)
     mass_k, top_k = mass.to(dev), top.to(dev)
     _band_hist_kernel[(rows, -(-clusters // chunk))](
-        mass_k, top_k, histk, clusters, MASS_BINS_PER_NAT, MASS_BINS=MASS_BINS, CHUNK=chunk
+        mass_k, top_k, histk, clusters, BINS_PER_NAT, BINS=BINS, CHUNK=chunk
     )
     # the partly taken cluster of each row (-1: none), in and out of the far field; its first
     # slot and tokens taken
@@ -349,9 +355,9 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
         group,
         first,
         slots,
-        MASS_BINS_PER_NAT,
+        BINS_PER_NAT,
         HEAD_DIM=d,
-        MASS_BINS=MASS_BINS,
+        BINS=BINS,
         CHUNK=chunk,
         BLOCK_G=4,
         BLOCK_M=16,

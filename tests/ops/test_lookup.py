@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from multipole.ops.lookup import cluster_logits, log_importance, select_band, select_by_budget
+from multipole.ops.lookup import (
+    cluster_logits,
+    log_importance,
+    select_band,
+    select_by_budget,
+    take_by_budget,
+)
 
 
 def test_log_importance_is_group_sum_of_size_normalised_probabilities(gen):
@@ -63,6 +69,44 @@ def test_budget_is_per_sequence():
         score, sizes, torch.ones(2, 1, 2, dtype=torch.bool), torch.tensor([1, 2])
     )
     assert sel.sum(-1).flatten().tolist() == [1, 2]
+
+
+def test_take_by_budget_fills_in_score_bins_then_cluster_order():
+    """Bins of 1/64 nat below ``top`` in descending score, cluster order inside a bin: each
+    cluster takes what the budget leaves, whole or in part (at most one in part); excluded and
+    empty clusters take nothing; scores 32 nats or more below ``top`` share the last bin."""
+    top = math.log(4)
+    # bin:              1 (c0 after c2)    0     1 (tied)   excl.  2     empty  last   last
+    score = torch.tensor([top - 0.02, top, top - 0.03, top, top - 0.04, top, top - 40, -50.0])
+    sizes = torch.tensor([5, 4, 3, 9, 2, 0, 7, 1])
+    include = torch.tensor([True, True, True, False, True, True, True, True])
+    # order: c1(4) c0(5) c2(3) c4(2) c6(7) c7(1); cumulative 4 9 12 14 21 22
+    expect = {
+        0: [0, 0, 0, 0, 0, 0, 0, 0],
+        3: [0, 3, 0, 0, 0, 0, 0, 0],
+        6: [2, 4, 0, 0, 0, 0, 0, 0],
+        12: [5, 4, 3, 0, 0, 0, 0, 0],
+        13: [5, 4, 3, 0, 1, 0, 0, 0],
+        20: [5, 4, 3, 0, 2, 0, 6, 0],
+        100: [5, 4, 3, 0, 2, 0, 7, 1],
+    }
+    for budget, taken in expect.items():
+        got = take_by_budget(
+            score.view(1, 1, -1),
+            sizes.view(1, 1, -1),
+            include.view(1, 1, -1),
+            torch.tensor([budget]),
+            top,
+        )
+        assert got[0, 0].tolist() == taken, budget
+    two = take_by_budget(
+        score.expand(2, 1, -1),
+        sizes.expand(2, 1, -1),
+        include.expand(2, 1, -1),
+        torch.tensor([6, 13]),
+        top,
+    )
+    assert two.sum(-1).flatten().tolist() == [6, 13]
 
 
 def test_band_takes_whole_mass_bins_best_first_within_the_count():

@@ -5,10 +5,12 @@ produces the logits of every query head of the group against every cluster plus,
 pass, the partial softmax state of the far field over *all* clusters, split over programs.
 ``_score_kernel`` (many programs per row) ranks the clusters (the paper's eq. 1) and reduces the
 far-field splits to one state per row, and fills a histogram of cluster sizes over score
-bins. ``_select_kernel`` (one program per row) finds the bin where the budget runs out from
-the histogram, then the threshold by bisection on the score values of that bin (no sort), and
-writes the compact list of selected clusters: for each, its first slot in the list of
-selected tokens, where its tokens start in the cluster-sorted order, and its id.
+bins. The selection (``take_by_budget``: score bins, then cluster order) runs many programs
+per row, each over a chunk of clusters: ``_select_totals_kernel`` finds the bin where the budget
+runs out from the histogram and sums each chunk's clusters before and in it;
+``_select_kernel`` places its chunk's clusters from prefix sums of those totals (no sort, no
+search) and writes the compact list of selected clusters: for each, its first slot in the list
+of selected tokens, where its tokens start in the cluster-sorted order, and its id.
 Token positions are expanded from that list by ``ops/decode/kernel.py``, whose exact pass also
 subtracts the selected clusters' far-field terms. With a partial far field
 (``far_field_share < 1``) the centroid pass reads no value centroids; the selection writes each
@@ -126,7 +128,7 @@ def _score_kernel(
     hist_top,
     hist_scale,
     HEAD_DIM: tl.constexpr,
-    HIST_BINS: tl.constexpr,
+    BINS: tl.constexpr,
     ROWS: tl.constexpr,
     SPLIT_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -163,7 +165,7 @@ def _score_kernel(
         SIZES + bh * num_clusters + cs, mask=mask_c & (score > float("-inf")), other=0
     )
     tl.atomic_add(
-        HIST + bh * HIST_BINS + _score_bin(score, hist_top, hist_scale, HIST_BINS),
+        HIST + bh * BINS + _score_bin(score, hist_top, hist_scale, BINS),
         live_sizes,
         mask=live_sizes > 0,
         sem="relaxed",
@@ -208,29 +210,6 @@ def _score_bin(score, top, scale, BINS: tl.constexpr):
 
 
 @triton.jit
-def _bin_stats(s, w, bin_star, top, scale, BINS: tl.constexpr):
-    """Over one tile: the largest live score in a bin after ``bin_star``, and the largest and
-    smallest live scores in ``bin_star`` (one reduction of the three)."""
-    live = w > 0
-    bins = _score_bin(s, top, scale, BINS)
-    inside = live & (bins == bin_star)
-    return tl.reduce(
-        (
-            tl.where(live & (bins > bin_star), s, float("-inf")),
-            tl.where(inside, s, float("-inf")),
-            tl.where(inside, s, float("inf")),
-        ),
-        0,
-        _combine_bin_stats,
-    )
-
-
-@triton.jit
-def _combine_bin_stats(lo1, hi1, min1, lo2, hi2, min2):
-    return tl.maximum(lo1, lo2), tl.maximum(hi1, hi2), tl.minimum(min1, min2)
-
-
-@triton.jit
 def _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE: tl.constexpr):
     """Scores and sizes of clusters ``c0 .. c0 + TILE`` of a row (dead ones: ``-inf``, 0)."""
     cs = c0 + tl.arange(0, TILE)
@@ -242,24 +221,67 @@ def _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE: tl.constexpr):
 
 
 @triton.jit
-def _combine_stats(h1, lo1, up1, h2, lo2, up2):
-    return h1 + h2, tl.maximum(lo1, lo2), tl.minimum(up1, up2)
+def _bin_tile(
+    SCORE, SIZES, row, chunk, num_clusters, top, scale, BINS: tl.constexpr, CHUNK: tl.constexpr
+):
+    """A chunk's sizes (dead clusters: 0) and score bins (``_score_bin``), and its scores."""
+    s, w = _row_tile(SCORE, SIZES, row, chunk * CHUNK, num_clusters, CHUNK)
+    return s, w, _score_bin(s, top, scale, BINS)
 
 
 @triton.jit
-def _bisect_stats(s, w, lo, mid, hi):
-    """Over one tile: total size of scores above ``mid``, the largest score in ``(lo, mid]``
-    and the smallest in ``(mid, hi]`` (one reduction of the three)."""
-    above = s > mid
-    return tl.reduce(
-        (
-            tl.where(above, w, 0),
-            tl.where((s > lo) & ~above, s, float("-inf")),
-            tl.where(above & (s <= hi), s, float("inf")),
-        ),
-        0,
-        _combine_stats,
+def _select_totals_kernel(
+    SCORE,
+    HIST,
+    SIZES,
+    BUDGET,
+    ROW_BIN,
+    TOTALS,
+    MASS_TOP,
+    BAND_HIST,
+    BOUNDARY,
+    num_kv_heads,
+    num_clusters,
+    hist_top,
+    hist_scale,
+    BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PARTIAL_FAR: tl.constexpr,
+):
+    """First half of the selection (``take_by_budget``), one chunk of a row per program: the
+    row's boundary bin, the first where the running size of the score histogram passes the
+    budget (every program finds it; chunk 0 writes it to ``ROW_BIN``), and the chunk's totals
+    ``TOTALS[row, chunk] = (size in the boundary bin, clusters before it, their size, clusters
+    in it)``. ``PARTIAL_FAR``: chunk 0 also resets the row's ``MASS_TOP`` (``-inf``) and
+    ``BOUNDARY`` (``-1, 0, 0``), and each program clears a slice of ``BAND_HIST``.
+    Grid: (rows, chunks)."""
+    bh = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    budget = tl.load(BUDGET + bh // num_kv_heads)
+    offs_h = tl.arange(0, BINS)
+    hist = tl.load(HIST + bh * BINS + offs_h)
+    bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, BINS))
+    _, w, bins = _bin_tile(
+        SCORE, SIZES, bh * num_clusters, chunk, num_clusters, hist_top, hist_scale, BINS, CHUNK
     )
+    before = (w > 0) & (bins < bin_star)
+    inside = (w > 0) & (bins == bin_star)
+    out = TOTALS + (bh * tl.num_programs(1) + chunk) * 4
+    tl.store(out, tl.sum(tl.where(inside, w, 0)))
+    tl.store(out + 1, tl.sum(before.to(tl.int32)))
+    tl.store(out + 2, tl.sum(tl.where(before, w, 0)))
+    tl.store(out + 3, tl.sum(inside.to(tl.int32)))
+    if chunk == 0:
+        tl.store(ROW_BIN + bh, bin_star)
+    if PARTIAL_FAR:
+        if chunk == 0:
+            tl.store(MASS_TOP + bh, float("-inf"))
+            tl.store(BOUNDARY + 3 * bh, -1)
+            tl.store(BOUNDARY + 3 * bh + 1, 0)
+            tl.store(BOUNDARY + 3 * bh + 2, 0)
+        offs_c = tl.arange(0, CHUNK)
+        for h0 in range(chunk * CHUNK, BINS, tl.num_programs(1) * CHUNK):
+            tl.store(BAND_HIST + bh * BINS + h0 + offs_c, 0, mask=h0 + offs_c < BINS)
 
 
 @triton.jit
@@ -271,6 +293,8 @@ def _select_kernel(
     BUDGET,
     SEQ_LENS,
     CLUSTERED,
+    ROW_BIN,
+    TOTALS,
     SEL_FIRST,
     SEL_BASE,
     SEL_CLUSTER,
@@ -278,7 +302,6 @@ def _select_kernel(
     NUM_SELECTED,
     MASS,
     MASS_TOP,
-    BAND_HIST,
     BOUNDARY,
     num_kv_heads,
     num_clusters,
@@ -286,142 +309,104 @@ def _select_kernel(
     sink,
     hist_top,
     hist_scale,
-    HIST_BINS: tl.constexpr,
-    MASS_BINS: tl.constexpr,
-    TILE: tl.constexpr,
-    MAX_STEPS: tl.constexpr,
+    BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CHUNKS_PAD: tl.constexpr,
     PARTIAL_FAR: tl.constexpr,
 ):
-    """Budget selection of one (sequence, KV head) per program: the largest set
-    ``{score > t}`` whose sizes fit in the budget, found in the histogram's boundary bin by
-    bisection on the score values (each step halves the span of the scores still undecided, so
-    it stops once they are one value), plus the first tokens of the best cluster left (lowest
-    index on ties) up to the budget (``take_by_budget``), then compaction in cluster order.
-
-    For selected cluster of rank r (in cluster order) it writes ``SEL_FIRST[r]`` (its first
-    slot among the selected tokens), ``SEL_BASE[r]`` (``offset - first``: its token at slot
-    ``s`` is ``ORDER[SEL_BASE[r] + s]``) and ``SEL_CLUSTER[r]``; then ``COUNT`` (sink, recent
-    window and selected tokens) and ``NUM_SELECTED``. ``PARTIAL_FAR`` (a partial far field): also
-    ``MASS[c] = score + log(tokens left)`` of every cluster with tokens left (else ``-inf``),
-    their largest, ``MASS_TOP`` (0 if none), a cleared ``BAND_HIST`` row for
-    ``_band_hist_kernel``, and ``BOUNDARY = (id, first slot, tokens taken)`` of the cluster
-    that gets the rest of the budget (``-1, 0, 0`` if everything fits; it may get none or
-    all of its tokens): the one selected cluster that can have tokens left for a partial far
-    field, whose far-field term the exact pass then removes from its taken tokens.
-    """
+    """Second half of the selection, one chunk of a row per program: the tokens each cluster
+    takes (``take_by_budget``: clusters before the boundary bin whole; in it, in cluster order,
+    what the budget leaves) from the chunk totals' prefix sums, and the compact list of
+    selected clusters in cluster order. For selected cluster of rank r it writes
+    ``SEL_FIRST[r]`` (its first slot among the selected tokens), ``SEL_BASE[r]``
+    (``offset - first``: its token at slot ``s`` is ``ORDER[SEL_BASE[r] + s]``) and
+    ``SEL_CLUSTER[r]``; the last chunk writes ``COUNT`` (sink, recent window and selected tokens)
+    and ``NUM_SELECTED``; each program clears a slice of the score histogram for the next step.
+    ``PARTIAL_FAR``: also ``MASS[c] = score + log(tokens left)`` of every cluster with tokens
+    left (else ``-inf``), their largest (``MASS_TOP``, atomics), and ``BOUNDARY = (id, first slot,
+    tokens taken)`` of the one cluster taken in part (if any), whose far-field term the exact
+    pass then removes from its taken tokens. Grid: (rows, chunks)."""
     bh = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
     b = bh // num_kv_heads
-    budget = tl.load(BUDGET + b)
     row = bh * num_clusters
-    one_tile = num_clusters <= TILE
-    s_all, w_all = _row_tile(SCORE, SIZES, row, 0, num_clusters, TILE)
+    bin_star = tl.load(ROW_BIN + bh)
+    offs_k = tl.arange(0, CHUNKS_PAD)
+    mask_k = offs_k < num_chunks
+    totals = TOTALS + (bh * num_chunks + offs_k) * 4
+    star_size = tl.load(totals, mask=mask_k, other=0)
+    whole_count = tl.load(totals + 1, mask=mask_k, other=0)
+    whole_size = tl.load(totals + 2, mask=mask_k, other=0)
+    star_count = tl.load(totals + 3, mask=mask_k, other=0)
+    # the clusters before the boundary bin fit whole; the bin's fill, in cluster order, takes
+    # the rest of the budget: a chunk whose bin tokens start at `star_before` takes them all,
+    # part (the crossing chunk, at most one) or none
+    rest = tl.load(BUDGET + b) - tl.sum(whole_size)
+    star_before = tl.cumsum(star_size, 0) - star_size
+    full = mask_k & (star_before + star_size <= rest)
+    crossing = mask_k & ~full & (star_before < rest)
+    cross = tl.min(tl.where(crossing, offs_k, CHUNKS_PAD))
+    # selected clusters per chunk, those of the crossing chunk counted from its tile
+    per_chunk = whole_count + tl.where(full, star_count, 0)
+    last = chunk == num_chunks - 1
+    if (cross < chunk) | (last & (cross < num_chunks)):
+        _, w_x, bins_x = _bin_tile(
+            SCORE, SIZES, row, cross, num_clusters, hist_top, hist_scale, BINS, CHUNK
+        )
+        in_x = tl.where((w_x > 0) & (bins_x == bin_star), w_x, 0)
+        before_x = tl.sum(tl.where(offs_k == cross, star_before, 0)) + tl.cumsum(in_x, 0) - in_x
+        taken_x = tl.sum(((in_x > 0) & (before_x < rest)).to(tl.int32))
+        per_chunk += tl.where(offs_k == cross, taken_x, 0)
+    earlier = offs_k < chunk
+    rank0 = tl.sum(tl.where(earlier, per_chunk, 0))
+    own_star_before = tl.sum(tl.where(offs_k == chunk, star_before, 0))
+    slot0 = tl.sum(tl.where(earlier, whole_size, 0)) + tl.minimum(rest, own_star_before)
 
-    # 1. From the histogram the score kernel filled (then cleared for the next step): the live
-    # total and the first bin, best scores first, where the running size passes the budget.
-    offs_h = tl.arange(0, HIST_BINS)
-    hist = tl.load(HIST + bh * HIST_BINS + offs_h)
-    tl.store(HIST + bh * HIST_BINS + offs_h, tl.zeros_like(hist))
-    if PARTIAL_FAR:
-        offs_m = tl.arange(0, MASS_BINS)
-        tl.store(BAND_HIST + bh * MASS_BINS + offs_m, tl.zeros([MASS_BINS], tl.int32))
-    total = tl.sum(hist)
-    bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, HIST_BINS))
-
-    # 2. Threshold. Invariant: {s > hi} fits, {s > lo} does not; the undecided scores, those
-    # in (lo, hi], span [b_min, b_max]. The bins before `bin_star` fit and the bins up to it
-    # do not, so the search starts with the scores of `bin_star` undecided.
-    threshold = tl.full((), float("-inf"), tl.float32)
-    boundary = tl.full((), -1, tl.int32)  # the cluster that gives the rest of the budget
-    rest = tl.full((), 0, tl.int32)
-    if total > budget:
-        lo, b_max, b_min = _bin_stats(s_all, w_all, bin_star, hist_top, hist_scale, HIST_BINS)
-        if not one_tile:
-            for c0 in range(TILE, num_clusters, TILE):
-                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
-                lo_t, max_t, min_t = _bin_stats(s, w, bin_star, hist_top, hist_scale, HIST_BINS)
-                lo = tl.maximum(lo, lo_t)
-                b_max = tl.maximum(b_max, max_t)
-                b_min = tl.minimum(b_min, min_t)
-        hi = b_max
-        whole = tl.sum(tl.where(offs_h < bin_star, hist, 0))  # the size of {s > hi}
-        steps = tl.full((), 0, tl.int32)
-        while (b_min < b_max) & (steps < MAX_STEPS):
-            mid = 0.5 * b_min + 0.5 * b_max
-            mid = tl.where(mid >= b_max, b_min, mid)
-            heavy, lower, upper = _bisect_stats(s_all, w_all, lo, mid, hi)
-            if not one_tile:
-                for c0 in range(TILE, num_clusters, TILE):
-                    s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
-                    h_t, l_t, u_t = _bisect_stats(s, w, lo, mid, hi)
-                    heavy += h_t
-                    lower = tl.maximum(lower, l_t)
-                    upper = tl.minimum(upper, u_t)
-            fits = heavy <= budget
-            hi = tl.where(fits, mid, hi)
-            whole = tl.where(fits, heavy, whole)
-            b_max = tl.where(fits, lower, b_max)
-            lo = tl.where(fits, lo, mid)
-            b_min = tl.where(fits, b_min, upper)
-            steps += 1
-        threshold = hi
-        # 2b. The boundary: the best live score at or below the threshold (the largest one
-        # undecided, `b_max`), lowest index first; it gives what the whole clusters above the
-        # threshold leave of the budget.
-        below = b_max
-        cs0 = tl.arange(0, TILE)
-        boundary = tl.min(tl.where((s_all == below) & (w_all > 0), cs0, num_clusters))
-        if not one_tile:
-            for c0 in range(TILE, num_clusters, TILE):
-                s, w = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
-                cs = c0 + cs0
-                boundary = tl.minimum(
-                    boundary, tl.min(tl.where((s == below) & (w > 0), cs, num_clusters))
-                )
-        rest = (budget - whole).to(tl.int32)
-
-    # 3. Compaction in cluster order: rank and first slot of every selected cluster.
-    offs = tl.arange(0, TILE)
+    s, w, bins = _bin_tile(
+        SCORE, SIZES, row, chunk, num_clusters, hist_top, hist_scale, BINS, CHUNK
+    )
+    cs = chunk * CHUNK + tl.arange(0, CHUNK)
+    inside = tl.where((w > 0) & (bins == bin_star), w, 0)
+    in_before = own_star_before + tl.cumsum(inside, 0) - inside
+    part = tl.minimum(tl.maximum(rest - in_before, 0), inside)
+    taken = tl.where(bins < bin_star, w, part)
+    selected = taken > 0
+    rank = rank0 + tl.cumsum(selected.to(tl.int32), 0) - 1
+    first = slot0 + tl.cumsum(taken, 0) - taken
+    offset = tl.load(OFFSETS + row + cs, mask=selected, other=0)
     list_base = bh * list_capacity
-    rank0 = 0
-    slot0 = 0
-    top = tl.full((), float("-inf"), tl.float32)
-    boundary_first = tl.full((), 0, tl.int32)
-    boundary_taken = tl.full((), 0, tl.int32)
-    for c0 in range(0, num_clusters, TILE):
-        if c0 > 0:
-            s_all, w_all = _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE)
-        cs = c0 + offs
-        part = tl.where(cs == boundary, tl.minimum(rest, w_all), 0)
-        sel_w = tl.where(s_all > threshold, w_all, part)
-        selected = sel_w > 0
-        rank = rank0 + tl.cumsum(selected.to(tl.int32), axis=0) - 1
-        first = slot0 + tl.cumsum(sel_w, axis=0) - sel_w
-        offset = tl.load(OFFSETS + row + cs, mask=selected, other=0)
-        tl.store(SEL_FIRST + list_base + rank, first, mask=selected)
-        tl.store(SEL_BASE + list_base + rank, offset - first, mask=selected)
-        tl.store(SEL_CLUSTER + list_base + rank, cs, mask=selected)
-        if PARTIAL_FAR:
-            left = w_all - sel_w
-            mass = tl.where(
-                left > 0, s_all + tl.log(tl.maximum(left, 1).to(tl.float32)), float("-inf")
-            )
-            tl.store(MASS + row + cs, mass, mask=cs < num_clusters)
-            top = tl.maximum(top, tl.max(mass))
-            boundary_first += tl.sum(tl.where(cs == boundary, first, 0))
-            boundary_taken += tl.sum(part)
-        rank0 += tl.sum(selected.to(tl.int32))
-        slot0 += tl.sum(sel_w)
-
-    seq_len = tl.load(SEQ_LENS + b)
-    clustered = tl.load(CLUSTERED + b)
-    num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)
-    tl.store(COUNT + bh, (num_exact + slot0).to(tl.int32))
-    tl.store(NUM_SELECTED + bh, rank0.to(tl.int32))
+    tl.store(SEL_FIRST + list_base + rank, first, mask=selected)
+    tl.store(SEL_BASE + list_base + rank, offset - first, mask=selected)
+    tl.store(SEL_CLUSTER + list_base + rank, cs, mask=selected)
+    offs_c = tl.arange(0, CHUNK)
+    for h0 in range(chunk * CHUNK, BINS, num_chunks * CHUNK):
+        tl.store(HIST + bh * BINS + h0 + offs_c, 0, mask=h0 + offs_c < BINS)
     if PARTIAL_FAR:
-        tl.store(MASS_TOP + bh, tl.where(top > float("-inf"), top, 0.0))  # 0: nothing left
-        tl.store(BOUNDARY + 3 * bh, boundary)
-        tl.store(BOUNDARY + 3 * bh + 1, boundary_first)
-        tl.store(BOUNDARY + 3 * bh + 2, boundary_taken)
+        left = w - taken
+        mass = tl.where(left > 0, s + tl.log(tl.maximum(left, 1).to(tl.float32)), float("-inf"))
+        tl.store(MASS + row + cs, mass, mask=cs < num_clusters)
+        top = tl.max(mass)
+        if top > float("-inf"):
+            tl.atomic_max(MASS_TOP + bh, top, sem="relaxed")
+        in_part = selected & (left > 0)  # the one cluster taken in part, if in this chunk
+        if tl.sum(in_part.to(tl.int32)) > 0:
+            tl.store(BOUNDARY + 3 * bh, tl.sum(tl.where(in_part, cs, 0)))
+            tl.store(BOUNDARY + 3 * bh + 1, tl.sum(tl.where(in_part, first, 0)))
+            tl.store(BOUNDARY + 3 * bh + 2, tl.sum(tl.where(in_part, taken, 0)))
+    if last:
+        seq_len = tl.load(SEQ_LENS + b)
+        clustered = tl.load(CLUSTERED + b)
+        num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)
+        tl.store(COUNT + bh, (num_exact + slot0 + tl.sum(taken)).to(tl.int32))
+        tl.store(NUM_SELECTED + bh, (rank0 + tl.sum(selected.to(tl.int32))).to(tl.int32))
+
+
+@triton.jit
+def _mass_top(MASS_TOP, bh):
+    """The row's largest mass (0 when no cluster has tokens left: no bins are used)."""
+    top = tl.load(MASS_TOP + bh)
+    return tl.where(top > float("-inf"), top, 0.0)
 
 
 @triton.jit
@@ -431,7 +416,7 @@ def _band_hist_kernel(
     BAND_HIST,
     num_clusters,
     bins_per_nat,
-    MASS_BINS: tl.constexpr,
+    BINS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     """The count of clusters with tokens left per mass bin (``select_band``'s bins below the
@@ -441,8 +426,8 @@ def _band_hist_kernel(
     cs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
     left = mass > float("-inf")
-    bins = _score_bin(mass, tl.load(MASS_TOP + bh), bins_per_nat, MASS_BINS)
-    tl.atomic_add(BAND_HIST + bh * MASS_BINS + bins, left.to(tl.int32), mask=left, sem="relaxed")
+    bins = _score_bin(mass, _mass_top(MASS_TOP, bh), bins_per_nat, BINS)
+    tl.atomic_add(BAND_HIST + bh * BINS + bins, left.to(tl.int32), mask=left, sem="relaxed")
 
 
 @triton.jit
@@ -466,7 +451,7 @@ def _band_far_field_kernel(
     num_slots,
     bins_per_nat,
     HEAD_DIM: tl.constexpr,
-    MASS_BINS: tl.constexpr,
+    BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -491,11 +476,11 @@ def _band_far_field_kernel(
     mask_g = offs_g < group
     mask_d = offs_d < HEAD_DIM
     # the far field: the mass bins before the first where the running count passes FAR_COUNT
-    counts = tl.load(BAND_HIST + bh * MASS_BINS + tl.arange(0, MASS_BINS))
+    counts = tl.load(BAND_HIST + bh * BINS + tl.arange(0, BINS))
     cut = tl.sum((tl.cumsum(counts, 0) <= tl.load(FAR_COUNT + bh)).to(tl.int32))
     cs = chunk * CHUNK + tl.arange(0, CHUNK)
     mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
-    bins = _score_bin(mass, tl.load(MASS_TOP + bh), bins_per_nat, MASS_BINS)
+    bins = _score_bin(mass, _mass_top(MASS_TOP, bh), bins_per_nat, BINS)
     in_far = (mass > float("-inf")) & (bins < cut)
     boundary = tl.load(BOUNDARY + 3 * bh)
     if (boundary >= chunk * CHUNK) & (boundary < chunk * CHUNK + CHUNK):

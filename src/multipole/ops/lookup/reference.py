@@ -41,15 +41,23 @@ def log_importance(
     return score.masked_fill(~include, NEG_INF)
 
 
-# Bins of a partial far field's mass cut: 1/64 nat wide below the row's largest mass; masses 32
-# nats or more below it share the last bin (the fused kernels count the same bins)
-MASS_BINS = 2048
-MASS_BINS_PER_NAT = 64.0
+# Both orders that the fused kernels count with many programs at once use bins of 1/64 nat:
+# the selection bins scores below ``log(group)``, the largest possible one, and a partial far
+# field bins masses below the row's largest. Values 32 nats or more below the top share the last
+# bin (a 1/64 nat step is 1.6% of estimated attention mass: below the estimate's own error).
+BINS = 2048
+BINS_PER_NAT = 64.0
+
+
+def bins_below(top: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Bin of each value: ``floor((top - x) * BINS_PER_NAT)`` clamped to ``[0, BINS)``, int64,
+    in ``x``'s dtype as the kernels compute it (so bin 0 holds the best; ``-inf`` the last)."""
+    return ((top - x) * BINS_PER_NAT).clamp(0, BINS - 1).to(torch.int64)
 
 
 def select_band(mass: torch.Tensor, include: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The clusters of a partial far field: the included clusters of largest ``mass``, at most
-    ``count`` per row, taken a bin of ``1 / MASS_BINS_PER_NAT`` nat at a time down from the
+    ``count`` per row, taken a bin of ``1 / BINS_PER_NAT`` nat at a time down from the
     row's largest mass; the bin that would pass ``count`` is left out whole (so ties never
     depend on cluster order, and a step needs no search below the bin: the fused kernels
     count the bins with many programs at once).
@@ -60,12 +68,11 @@ def select_band(mass: torch.Tensor, include: torch.Tensor, count: torch.Tensor) 
         ``[B, H_kv, C]`` bool.
     """
     masked = mass.masked_fill(~include, NEG_INF)
-    top = masked.amax(-1, keepdim=True)
-    bins = ((top - masked) * MASS_BINS_PER_NAT).clamp(0, MASS_BINS - 1)
-    bins = torch.where(include, bins, MASS_BINS - 1).to(torch.int64)  # (nan where excluded)
-    counts = torch.zeros(*mass.shape[:-1], MASS_BINS, dtype=torch.int64, device=mass.device)
+    bins = bins_below(masked.amax(-1, keepdim=True), masked)
+    bins = torch.where(include, bins, BINS - 1)  # (the clamp of nan where excluded)
+    counts = torch.zeros(*mass.shape[:-1], BINS, dtype=torch.int64, device=mass.device)
     counts.scatter_add_(-1, bins, include.to(torch.int64))
-    # the first bin at which the running count passes `count` (MASS_BINS: none does)
+    # the first bin at which the running count passes `count` (BINS: none does)
     cut = (counts.cumsum(-1) <= count.unsqueeze(-1)).sum(-1, keepdim=True)
     return include & (bins < cut)
 
@@ -96,36 +103,37 @@ def select_by_budget(
 
 
 def take_by_budget(
-    score: torch.Tensor, sizes: torch.Tensor, include: torch.Tensor, budget: torch.Tensor
+    score: torch.Tensor,
+    sizes: torch.Tensor,
+    include: torch.Tensor,
+    budget: torch.Tensor,
+    top: float,
 ) -> torch.Tensor:
-    """Tokens taken from each cluster to fill the budget: whole clusters in descending score,
-    then the rest of the budget from the next cluster (its first tokens), so no budget is left
-    unused because the next cluster is larger than what remains.
+    """Tokens taken from each cluster to fill the budget: clusters in descending score, each
+    whole while the budget holds, then the rest of the budget from the next one (its first
+    tokens), so no budget is left unused because the next cluster is larger than what remains.
 
-    Precisely (the fused kernels' threshold rule): let ``b`` be the score of the first cluster,
-    in descending score order, at which the running size exceeds the budget. Every included
-    cluster scored above ``b`` is taken whole; the included cluster of score ``b`` with the
-    lowest index gives ``min(rest, size)`` tokens, ``rest`` being the budget left; other
-    clusters give none. When everything fits, every included cluster is taken whole.
+    Descending score is counted in bins of ``1 / BINS_PER_NAT`` nat below ``top``
+    (``bins_below``), and in cluster order within a bin: the fused kernels then find each
+    cluster's place from a histogram and prefix sums, many programs per row, with no sort and no
+    search. Precisely: in the order (bin, index), cluster c takes
+    ``clamp(budget - tokens of the clusters before it, 0, size_c)`` tokens; at most one cluster
+    is taken in part.
 
     Args:
         score: ``[B, H_kv, C]``; sizes: ``[B, H_kv, C]`` int; include: ``[B, H_kv, C]`` bool.
         budget: ``[B]`` int tokens per KV head.
+        top: the largest possible score (``log(group)`` for ``log_importance``); bins start
+            there so that they do not depend on the scores.
     Returns:
         ``[B, H_kv, C]`` int64, tokens taken per cluster.
     """
     include = include & (sizes > 0)
     sizes = torch.where(include, sizes, 0).to(torch.int64)
-    ranked = score.masked_fill(~include, NEG_INF)
-    sorted_score, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
+    bins = torch.where(include, bins_below(top, score), BINS)
+    order = torch.sort(bins, dim=-1, stable=True).indices
+    ordered = sizes.gather(-1, order)
+    before = ordered.cumsum(-1) - ordered
     budget = budget.view(-1, 1, 1).to(torch.int64)
-    over = sizes.gather(-1, order).cumsum(-1) > budget
-    spills = over.any(-1, keepdim=True)
-    boundary_score = sorted_score.gather(-1, over.to(torch.int8).argmax(-1, keepdim=True))
-    whole = include & ((ranked > boundary_score) | ~spills)
-    taken = torch.where(whole, sizes, 0)
-    # the boundary cluster: first in score order (lowest index) among those scored b
-    boundary = order.gather(-1, (sorted_score > boundary_score).sum(-1, keepdim=True))
-    rest = (budget - taken.sum(-1, keepdim=True)).clamp_min(0)
-    part = torch.minimum(rest, sizes.gather(-1, boundary)) * spills
-    return taken.scatter_add(-1, boundary, part)
+    taken = torch.minimum((budget - before).clamp_min(0), ordered)
+    return torch.zeros_like(sizes).scatter(-1, order, taken)
