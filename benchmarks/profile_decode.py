@@ -81,7 +81,7 @@ def main() -> None:
         "cuda",
         0,
     )
-    bd.warm_up_kernels(s, arch["num_attention_heads"])
+    bd.warm_up_kernels(s, arch["num_attention_heads"], a.context, a.batch)
     model = bd.build_model(arch, a.layers, dtype=dtype, device="cuda")
     results = []
     for method in ("dense", "multipole"):

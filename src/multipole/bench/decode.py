@@ -349,22 +349,25 @@ def _dense_decode_attention(module, query, key, value, attention_mask, scaling=N
 AttentionInterface.register(DENSE_ATTENTION, _dense_decode_attention)
 
 
-def warm_up_kernels(s: Settings, num_q_heads: int, context: int) -> None:
-    """Compile every kernel a timed step or online update at ``context`` tokens runs, on a
-    one-layer cache of that length with the benchmark's heads, head dim and dtype (Triton
-    compiles on first use, and again for sizes it specialises differently: a first update at
-    a new context took about 1 s for 36 layers on the H200 without this)."""
+def warm_up_kernels(s: Settings, num_q_heads: int, context: int, batch: int) -> None:
+    """Compile every kernel a timed step or online update of ``batch`` sequences of ``context``
+    tokens runs, on a one-layer cache of that shape with the benchmark's heads, head dim and
+    dtype (Triton compiles on first use, and again for sizes it specialises differently: a
+    first update at a new context took about 1 s for 36 layers on the H200 without this, and
+    the first at batch 16 after a warm-up at batch 1 about 2 s on the H100)."""
     dim = s.shape.head_dim
     capacity = s.capacity(context)
     keys, values = synthetic_kv(
-        s.shape, 1, context, capacity, dtype=s.dtype, device=s.device, seed=1
+        s.shape, batch, context, capacity, dtype=s.dtype, device=s.device, seed=1
     )
-    lengths = torch.full((1,), context, dtype=torch.int64, device=keys.device)
+    lengths = torch.full((batch,), context, dtype=torch.int64, device=keys.device)
     state = MultipoleState.prefill(keys, values, s.config, lengths=lengths)
     for _ in range(2 * s.config.interval + 1):  # crosses at least one online update
         state.append(*(t[:, :, :1] for t in (keys, values)))
-        state.attend(torch.randn(1, num_q_heads, dim, device=s.device, dtype=s.dtype))
+        state.attend(torch.randn(batch, num_q_heads, dim, device=s.device, dtype=s.dtype))
     sync(s.device)
+    del state, keys, values
+    _free(s.device)
 
 
 def dense_cache(layers_kv: list[tuple[torch.Tensor, torch.Tensor]], context: int) -> Cache:
@@ -671,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clustering_workspace=dataclasses.asdict(workspace),
         execution=GRAPH_MODES[s.graphs]
         + " (no torch.compile); every kernel compiled before timing (a one-layer warm-up at "
-        "each context that crosses an online update)",
+        "each context and batch that crosses an online update)",
         dense_cache="token-major buffers allocated once, the token written at each row's "
         "length on the device; attention: FlashAttention-2 (the kernel of SDPA's flash "
         "backend) through torch.ops.aten._flash_attention_forward with seqused_k, native GQA, "
@@ -768,11 +771,11 @@ def run(
             models[layers] = build_model(arch, layers, dtype=s.dtype, device=s.device, seed=s.seed)
         return models[layers]
 
-    warmed: set[int] = set()
     for (context, batch), layers in plan.items():
-        if torch.device(s.device).type == "cuda" and context not in warmed:
-            warm_up_kernels(s, arch["num_attention_heads"], context)
-            warmed.add(context)
+        if torch.device(s.device).type == "cuda":
+            models.clear()  # room for the warm-up's one layer of this shape
+            _free(s.device)
+            warm_up_kernels(s, arch["num_attention_heads"], context, batch)
         if "check" not in meta:
             depth = min(layers, CHECK_LAYERS)
             meta["check"] = c = check(model_with(depth), s, context, batch, depth)
