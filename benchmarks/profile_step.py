@@ -41,6 +41,7 @@ VARIANTS = {
     "kbn64": dict(keys_only_block_n=64),
     "select256": dict(select_chunk=256),
     "select1024": dict(select_chunk=1024),
+    "one_stream": dict(band_beside_expansion=False),
 }
 KMEANS_VARIANTS = {
     "default": {},

@@ -1,5 +1,5 @@
-"""The fused decode step: seven Triton launches (nine with a partial far field), no host
-synchronisation, fixed shapes.
+"""The fused decode step: seven Triton launches (nine with a partial far field, two of them on a
+second stream beside the expansion), no host synchronisation, fixed shapes.
 
 1. centroid pass (``ops/lookup/kernel.py``): logits of the group against every centroid and
    the far-field softmax state over all clusters, in one read of the centroids, split over
@@ -24,7 +24,8 @@ selection also writes each cluster's estimated mass (score x tokens left) and th
 largest, ``_band_hist_kernel`` (many programs per row) counts the masses per bin below it, and
 ``_band_far_field_kernel`` (one program per chunk of clusters) lists the chunk's clusters in
 the best bins up to ``far_count`` clusters (``select_band``) and adds their far field, reading
-only their logits, sizes and value centroids, into slots after the exact pass's. Of the selected
+only their logits, sizes and value centroids, into slots after the exact pass's; on CUDA these
+two run on a second stream beside the expansion, which they do not need. Of the selected
 clusters only the partly taken one can have tokens left, so the exact pass removes a far-field
 term from its tokens alone (its logits written by the far-field pass, ``-inf`` when outside the
 far field): no cluster ids per token.
@@ -36,6 +37,7 @@ through a cluster-contiguous permutation of the clustered positions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -65,7 +67,7 @@ class Tuning:
     centroid_block: int = 64  # centroids per tile of the centroid pass
     band_chunk: int = 1024  # clusters per program of a partial far field (one state each)
     exact_programs_per_sm: int = 2  # exact-pass grid target
-    exact_min_split: int = 64  # fewest token slots per exact-pass program (multiple of BLOCK_N)
+    exact_min_split: int = 64  # fewest token slots per exact-pass program (rounded up to a tile)
     select_chunk: int = 512  # clusters per program of the selection
     expand_programs_per_sm: int = 8  # expansion grid target
     merge_slice: int = 16  # head-dim columns per merge program
@@ -75,6 +77,8 @@ class Tuning:
     keys_only_programs_per_sm: int = 4
     keys_only_block: int = 64
     keys_only_block_n: int = 128
+    # a partial far field's two kernels on a second stream, beside the expansion (on CUDA)
+    band_beside_expansion: bool = True
 
     def __post_init__(self) -> None:
         tiles = ("centroid_block", "keys_only_block", "band_chunk", "select_chunk", "merge_slice")
@@ -159,6 +163,20 @@ class FusedLayout:
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The second stream of a step on ``device`` (None off CUDA: the interpreter runs launches
+    in order)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def _target_programs(device: torch.device, per_sm: int) -> int:
@@ -387,7 +405,69 @@ def fused_decode(
         num_warps=4,
     )
 
-    # 4. Positions (and clusters) of the selected tokens, many programs per row.
+    # The exact pass's splits and partial states (also the slots of a partial far field's
+    # states), set before the fork below.
+    per_n, splits_n = _per_split(
+        token_capacity,
+        rows,
+        -(-max(block_n, tune.exact_min_split) // block_n) * block_n,
+        _target_programs(dev, tune.exact_programs_per_sm),
+    )
+    # a partial far field: its clusters' state fills slots after the exact splits
+    band_chunk = min(tune.band_chunk, _pow2(num_clusters))
+    splits_f = -(-num_clusters // band_chunk) if partial else 0
+    slots = splits_n + splits_f
+    m_e = buf("m_e", (rows, slots, g), f32)
+    l_e = buf("l_e", (rows, slots, g), f32)
+    acc_e = buf("acc_e", (rows, slots, g, d), f32)
+    # 4. Positions (and clusters) of the selected tokens, many programs per row; with a partial
+    # far field, its histogram and far field (which need the selection, not the positions) run
+    # at the same time on a second stream, joined before the exact pass (a fork and a join in
+    # a captured CUDA graph).
+    side = _side_stream(dev) if partial and tune.band_beside_expansion else None
+    if partial:
+        band_members = buf("band_members", (rows, num_clusters), i32)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _band_hist_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
+                mass,
+                mass_top,
+                band_hist,
+                num_clusters,
+                BINS_PER_NAT,
+                BINS=BINS,
+                CHUNK=SCORE_CHUNK,
+                num_warps=4,
+            )
+            _band_far_field_kernel[(rows, splits_f)](
+                z,
+                layout.value_centroids,
+                layout.sizes,
+                mass,
+                mass_top,
+                band_hist,
+                far_count,
+                boundary,
+                boundary_z,
+                band_members,
+                m_e,
+                l_e,
+                acc_e,
+                num_clusters,
+                g,
+                splits_n,
+                slots,
+                BINS_PER_NAT,
+                HEAD_DIM=d,
+                BINS=BINS,
+                CHUNK=band_chunk,
+                BLOCK_G=block_g,
+                BLOCK_M=BAND_BLOCK,
+                BLOCK_D=block_d,
+                NATIVE_DOT=native,
+                num_warps=4,
+            )
     slot_capacity = max(1, max_budget)
     pos = buf("pos", (rows, slot_capacity), i32)
     cluster = buf("cluster", (rows, slot_capacity), i32) if full_far else pos
@@ -418,60 +498,11 @@ def fused_decode(
         num_warps=4,
     )
 
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
+
     # 5. Exact pass over sink, recent window and selected tokens (minus their far field);
     # 6. merge.
-    per_n, splits_n = _per_split(
-        token_capacity,
-        rows,
-        -(-max(block_n, tune.exact_min_split) // block_n) * block_n,
-        _target_programs(dev, tune.exact_programs_per_sm),
-    )
-    # a partial far field: its clusters' state fills slots after the exact splits
-    band_chunk = min(tune.band_chunk, _pow2(num_clusters))
-    splits_f = -(-num_clusters // band_chunk) if partial else 0
-    slots = splits_n + splits_f
-    m_e = buf("m_e", (rows, slots, g), f32)
-    l_e = buf("l_e", (rows, slots, g), f32)
-    acc_e = buf("acc_e", (rows, slots, g, d), f32)
-    if partial:
-        _band_hist_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
-            mass,
-            mass_top,
-            band_hist,
-            num_clusters,
-            BINS_PER_NAT,
-            BINS=BINS,
-            CHUNK=SCORE_CHUNK,
-            num_warps=4,
-        )
-        _band_far_field_kernel[(rows, splits_f)](
-            z,
-            layout.value_centroids,
-            layout.sizes,
-            mass,
-            mass_top,
-            band_hist,
-            far_count,
-            boundary,
-            boundary_z,
-            buf("band_members", (rows, num_clusters), i32),
-            m_e,
-            l_e,
-            acc_e,
-            num_clusters,
-            g,
-            splits_n,
-            slots,
-            BINS_PER_NAT,
-            HEAD_DIM=d,
-            BINS=BINS,
-            CHUNK=band_chunk,
-            BLOCK_G=block_g,
-            BLOCK_M=BAND_BLOCK,
-            BLOCK_D=block_d,
-            NATIVE_DOT=native,
-            num_warps=4,
-        )
     out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
     lse = torch.empty(b, h, g, device=dev, dtype=f32)
     split_pad_n = _pow2(slots, 2)

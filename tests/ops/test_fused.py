@@ -141,6 +141,31 @@ def test_decode_steps_do_not_sync_with_the_host(gen):
     assert state.clustered_len == [320, 320]  # no update ran in between
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [1.0, 0.05])
+def test_a_captured_step_replays_the_eager_step(gen, share):
+    """The step captured as a CUDA graph (with a partial far field, a fork to a second stream
+    and a join) replays what the eager step computes, for new query values each time; large
+    enough that the second stream's kernels still run while the expansion does."""
+    from multipole.bench.kernels import graph_of
+
+    cfg = dataclasses.replace(
+        BASE, backend="triton", block_size=8192, token_budget=0.05, far_field_share=share
+    )
+    k, v = _planted(gen, 4, 2, 16384, 128, torch.bfloat16)
+    state = MultipoleState.prefill(k.cuda(), v.cuda(), cfg)
+    q = torch.randn(4, 8, 128, generator=gen).to(torch.bfloat16).cuda()
+    out = torch.empty_like(q)
+    replay = graph_of(lambda: out.copy_(state.attend(q)))
+    previous = out.clone()
+    for _ in range(3):
+        q.copy_(torch.randn(4, 8, 128, generator=gen) * 2)
+        replay()
+        assert torch.equal(out, state.attend(q))
+        assert out.isfinite().all() and not torch.equal(out, previous)  # the new query's
+        previous = out.clone()
+
+
 TUNINGS = {
     # a selection over many chunks, many small exact-pass programs with 32-slot tiles,
     # one-tile expansion programs, small centroid tiles and partial far-field chunks; one long
@@ -229,14 +254,37 @@ def _selection_layout(gen, kind: str, b: int, h: int, c: int, d: int, sink: int,
     return layout, q, n
 
 
+def _budgets_at_exact_ends(score: torch.Tensor, sizes: torch.Tensor, top: float) -> torch.Tensor:
+    """Per sequence (from its first head, in ``take_by_budget``'s order), a budget that ends
+    exactly where a cluster ends with another of its score bin after it (sequences 0 and 1),
+    where a bin ends (2: nothing left of the boundary bin), then nothing (3) and
+    everything (4)."""
+    from multipole.ops.lookup.reference import bins_below
+
+    budgets = []
+    for seq in range(3):
+        live = sizes[seq, 0] > 0
+        bins = torch.where(live, bins_below(top, score[seq, 0]), 1 << 20)
+        order = torch.sort(bins, stable=True).indices[: int(live.sum())]
+        ends = sizes[seq, 0][order].cumsum(0)
+        same_bin = bins[order][1:] == bins[order][:-1]  # the next cluster is in the same bin
+        inside, at_bin_end = ends[:-1][same_bin], ends[:-1][~same_bin]
+        pick = inside if seq < 2 and len(inside) else at_bin_end
+        budgets.append(int(pick[len(pick) // (2 + seq)]))
+    return torch.tensor(budgets + [0, int(sizes[4, 0].sum())])
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["far1", "partial"])
 @pytest.mark.parametrize("chunk", [512, 64, 16])
 @pytest.mark.parametrize("kind", ["spread", "ties", "far"])
-def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, chunk, kernel_device):
+def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, chunk, partial, kernel_device):
     """The kernels' selection is ``take_by_budget`` on their own scores, token for token, for
-    budgets from nothing to everything (one per sequence), over one chunk of clusters or many
-    (the crossing of the budget then in a chunk before, at or after a program's own); the
-    expansion lists the taken clusters' tokens in order; the score histogram is left cleared
-    for the next step."""
+    budgets from nothing to everything (one per sequence), then budgets that end exactly at a
+    cluster's or a bin's end, over one chunk of clusters or many (the crossing of the budget
+    then in a chunk before, at or after a program's own); the expansion lists the taken
+    clusters' tokens in order; the score histogram is left cleared for the next step. With a
+    partial far field also the masses of the clusters with tokens left, their largest and the
+    one cluster taken in part (reset when a step has none)."""
     from multipole import fused
     from multipole.ops.lookup.reference import take_by_budget
 
@@ -246,8 +294,11 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, chunk, kerne
     keys, values = torch.randn(2, b, h, sink + n, d, generator=gen).to(dev)
     lengths = torch.full((b,), sink + n)
     q = q.to(dev)
+    far_count = torch.full((b, h), 12, dtype=torch.int32, device=dev) if partial else None
     tuning = fused.Tuning(select_chunk=chunk)
-    for _ in range(2):  # the second step must not see the first step's histogram
+    sizes = layout.sizes.cpu().long()
+    everything = torch.ones_like(sizes, dtype=torch.bool)
+    for step in range(2):  # the second step must not see the first step's histogram or part
         fused.fused_decode(
             q,
             q,
@@ -262,13 +313,13 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, chunk, kerne
             max_recent=0,
             scale=d**-0.5,
             replacement=True,
+            far_count=far_count,
             tuning=tuning,
         )
         scratch = {k: t.cpu() for k, t in layout.scratch.items()}
         assert not scratch["hist"].any()
         score = scratch["score"].view(b, h, c)
-        everything = torch.ones_like(score, dtype=torch.bool)
-        expect = take_by_budget(score, layout.sizes.cpu(), everything, budget, math.log(4))
+        expect = take_by_budget(score, sizes, everything, budget, math.log(4))
         # the expansion: selected slot after slot, each taken cluster's first tokens in order
         order, offsets = layout.order.cpu().view(b * h, -1), layout.offsets.cpu().view(b * h, c)
         for row, want in enumerate(expect.view(b * h, c)):
@@ -277,14 +328,33 @@ def test_selection_takes_clusters_by_score_to_the_budget(gen, kind, chunk, kerne
             positions = [order[row, :0]]
             positions += [order[row, offsets[row, x] : offsets[row, x] + want[x]] for x in clusters]
             assert used == int(want.sum())
-            assert torch.equal(
-                scratch["cluster"][row, :used].long(), clusters.repeat_interleave(want[clusters])
-            )
+            assert int(scratch["num_selected"][row]) == len(clusters)
             assert torch.equal(scratch["pos"][row, :used], torch.cat(positions).to(torch.int32))
-    # the budget is used to the last token (or everything is taken), at most one cluster in part
-    assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]
-    sizes = layout.sizes.cpu().long()
-    assert (((expect > 0) & (expect < sizes)).sum(-1) <= 1).all()
+            if not partial:
+                assert torch.equal(
+                    scratch["cluster"][row, :used].long(),
+                    clusters.repeat_interleave(want[clusters]),
+                )
+        # the budget is used to the last token (or everything is taken), at most one in part
+        assert expect.sum(-1).tolist() == [[int(x)] * h for x in budget]
+        in_part = (expect > 0) & (expect < sizes)
+        assert (in_part.sum(-1) <= 1).all()
+        if partial:
+            left = sizes - expect
+            mass = torch.where(left > 0, score + torch.log(left.float()), float("-inf"))
+            got = scratch["mass"].view(b, h, c)
+            torch.testing.assert_close(got, mass, rtol=1e-6, atol=1e-6)  # (log's last bit)
+            assert torch.equal(scratch["mass_top"].view(b, h), got.amax(-1))
+            for row, part in enumerate(in_part.view(b * h, c)):
+                want = [-1, 0, 0]
+                if part.any():
+                    x = int(part.nonzero())
+                    taken = expect.view(b * h, c)[row]
+                    want = [x, int(taken[:x].sum()), int(taken[x])]
+                assert scratch["boundary"][row].tolist() == want
+        if step == 0:
+            budget = _budgets_at_exact_ends(score, sizes, math.log(4))
+    assert not in_part[:4, 0].any()  # the exact ends: no cluster in part
 
 
 @pytest.mark.parametrize("chunk", [16, 64], ids=["chunks4", "chunk1"])
@@ -311,7 +381,7 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
     z = torch.randn(rows, group, clusters, generator=gen)
     vc = torch.randn(rows, clusters, d, generator=gen)
     sizes = torch.randint(1, 9, (rows, clusters), generator=gen, dtype=torch.int32)
-    top = mass.amax(-1).masked_fill(~left.any(-1), 0.0)  # as the selection writes it
+    top = mass.amax(-1)  # as the selection writes it (-inf for row 3: nothing left)
     hist = torch.full((rows, BINS), 0, dtype=torch.int32)
     dev = kernel_device
     zk, histk = z.clone().to(dev), hist.to(dev)

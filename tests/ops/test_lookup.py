@@ -76,8 +76,8 @@ def test_take_by_budget_fills_in_score_bins_then_cluster_order():
     cluster takes what the budget leaves, whole or in part (at most one in part); excluded and
     empty clusters take nothing; scores 32 nats or more below ``top`` share the last bin."""
     top = math.log(4)
-    # bin:              1 (c0 after c2)    0     1 (tied)   excl.  2     empty  last   last
-    score = torch.tensor([top - 0.02, top, top - 0.03, top, top - 0.04, top, top - 40, -50.0])
+    # bin:         1 (c0 below c2, before it)   0   1     excl.  2     empty  last  last
+    score = torch.tensor([top - 0.03, top, top - 0.02, top, top - 0.04, top, top - 40, -50.0])
     sizes = torch.tensor([5, 4, 3, 9, 2, 0, 7, 1])
     include = torch.tensor([True, True, True, False, True, True, True, True])
     # order: c1(4) c0(5) c2(3) c4(2) c6(7) c7(1); cumulative 4 9 12 14 21 22

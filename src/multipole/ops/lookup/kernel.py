@@ -349,8 +349,7 @@ def _select_kernel(
     cross = tl.min(tl.where(crossing, offs_k, CHUNKS_PAD))
     # selected clusters per chunk, those of the crossing chunk counted from its tile
     per_chunk = whole_count + tl.where(full, star_count, 0)
-    last = chunk == num_chunks - 1
-    if (cross < chunk) | (last & (cross < num_chunks)):
+    if cross < chunk:  # (the ranks of earlier chunks only are needed)
         _, w_x, bins_x = _bin_tile(
             SCORE, SIZES, row, cross, num_clusters, hist_top, hist_scale, BINS, CHUNK
         )
@@ -394,7 +393,7 @@ def _select_kernel(
             tl.store(BOUNDARY + 3 * bh, tl.sum(tl.where(in_part, cs, 0)))
             tl.store(BOUNDARY + 3 * bh + 1, tl.sum(tl.where(in_part, first, 0)))
             tl.store(BOUNDARY + 3 * bh + 2, tl.sum(tl.where(in_part, taken, 0)))
-    if last:
+    if chunk == num_chunks - 1:
         seq_len = tl.load(SEQ_LENS + b)
         clustered = tl.load(CLUSTERED + b)
         num_exact = tl.minimum(sink, seq_len) + tl.maximum(seq_len - sink - clustered, 0)

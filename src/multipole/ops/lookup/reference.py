@@ -50,8 +50,9 @@ BINS_PER_NAT = 64.0
 
 
 def bins_below(top: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Bin of each value: ``floor((top - x) * BINS_PER_NAT)`` clamped to ``[0, BINS)``, int64,
-    in ``x``'s dtype as the kernels compute it (so bin 0 holds the best; ``-inf`` the last)."""
+    """Bin of each value: ``floor((top - x) * BINS_PER_NAT)`` clamped to ``[0, BINS)``, int64
+    (bin 0 holds the best; ``-inf`` the last). In ``x``'s dtype: for float32 scores, bit for bit
+    the bins the kernels count."""
     return ((top - x) * BINS_PER_NAT).clamp(0, BINS - 1).to(torch.int64)
 
 
@@ -128,7 +129,7 @@ def take_by_budget(
     Returns:
         ``[B, H_kv, C]`` int64, tokens taken per cluster.
     """
-    include = include & (sizes > 0)
+    include = include & (sizes > 0) & (score > NEG_INF)  # (as the kernels: -inf is dead)
     sizes = torch.where(include, sizes, 0).to(torch.int64)
     bins = torch.where(include, bins_below(top, score), BINS)
     order = torch.sort(bins, dim=-1, stable=True).indices
