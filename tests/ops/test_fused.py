@@ -205,15 +205,16 @@ def test_launch_variants_match_reference(gen, name, share, monkeypatch, kernel_d
     cfg = dataclasses.replace(BASE, centroid_ratio=0.5, token_budget=300, far_field_share=share)
     k, v = _planted(gen, 2, 1, 560, 16, torch.float32)
     state = MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=[560, 523])
-    q = (torch.randn(2, 4, 16, generator=gen) * 2).to(device)
-    ref = _run(state, q, "reference")
-    ref_reads = state._reads
-    out = _run(state, q, "triton")
-    assert rel_err(out, ref) < 1e-5
-    assert torch.equal(state._reads.tokens_exact.cpu(), ref_reads.tokens_exact.cpu().int())
-    assert torch.equal(
-        state._reads.clusters_selected.cpu(), ref_reads.clusters_selected.cpu().int()
-    )
+    for _ in range(2):  # a second step: counters and histograms were left for it
+        q = (torch.randn(2, 4, 16, generator=gen) * 2).to(device)
+        ref = _run(state, q, "reference")
+        ref_reads = state._reads
+        out = _run(state, q, "triton")
+        assert rel_err(out, ref) < 1e-5
+        assert torch.equal(state._reads.tokens_exact.cpu(), ref_reads.tokens_exact.cpu().int())
+        assert torch.equal(
+            state._reads.clusters_selected.cpu(), ref_reads.clusters_selected.cpu().int()
+        )
     assert int(ref_reads.clusters_selected.min()) > 128  # longer than a window of the list
 
 
