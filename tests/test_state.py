@@ -358,6 +358,22 @@ def test_partial_far_field_reads_fewer_value_centroids_and_buys_tokens(gen):
     assert budgets[1] > budgets[0]
 
 
+@pytest.mark.parametrize("far_field_keys", ["clustering", "attention"])
+def test_fixed_bytes_count_separate_attention_key_centroids(gen, far_field_keys):
+    """With clustering keys apart from the attention keys (a model integration's
+    ``position_free_keys``), a far field over the attention keys reads their own centroids
+    too; the fixed bytes (what equal-bytes budgets start from) count what is read."""
+    h, d, n = 2, 32, 1300
+    k, v = _kv(gen, 1, h, n, d)
+    cluster_keys = k + 0.1 * torch.randn(k.shape, generator=gen)
+    cfg = dataclasses.replace(
+        SMALL, token_budget=0, position_free_keys=True, far_field_keys=far_field_keys
+    )
+    state = MultipoleState.prefill(k, v, cfg, cluster_keys=cluster_keys)
+    state.attend(torch.randn(1, 4, d, generator=gen))
+    assert state.stats().bytes_read == h * MultipoleState.fixed_bytes_per_head(cfg, n, d, 4)
+
+
 def test_equal_bytes_ordering_multipole_centroid_only_window(gen):
     """On planted clusters at equal bytes read: multipole < centroid-only < window (error).
 

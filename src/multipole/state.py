@@ -499,7 +499,9 @@ class MultipoleState(DecodeState):
         """Bytes per KV head read whatever the token budget, right after prefill of
         ``seq_len`` tokens: sink, recent window and every centroid scored (with
         ``levels == 2``: every level-1 centroid plus the level-0 clusters of
-        ``coarse_budget_tokens`` tokens)."""
+        ``coarse_budget_tokens`` tokens). With ``position_free_keys`` and
+        ``far_field_keys="attention"`` (a model integration passes clustering keys, so the
+        far field keeps its own key centroids) those are counted too."""
         length = initial_clustered_len(seq_len, config)
         fine = [config.clusters_for(n) for n in config.block_sizes(length)]
         if config.levels == 1:
@@ -509,7 +511,8 @@ class MultipoleState(DecodeState):
             centroids = sum(config.coarse_clusters_for(k) for k in fine)
             centroids += config.clusters_for(opened)
         exact = super().fixed_bytes_per_head(config, seq_len, head_dim, elem_size)
-        metadata = _metadata_bytes(config, torch.tensor(centroids), head_dim, elem_size, False)
+        separate = config.position_free_keys and config.far_field_keys == "attention"
+        metadata = _metadata_bytes(config, torch.tensor(centroids), head_dim, elem_size, separate)
         return exact + float(metadata)
 
     def _index_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
