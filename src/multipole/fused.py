@@ -12,8 +12,8 @@ second stream beside the expansion), no host synchronisation, fixed shapes.
    placed from prefix sums of the totals (``take_by_budget``: bins, then cluster order), as
    the compact list of selected clusters (first slot, where their tokens start in ``order``,
    id);
-4. expansion (``ops/decode/kernel.py``, many programs per row): the position and cluster of
-   every selected token, so that
+4. expansion (``ops/decode/kernel.py``, many programs per row): the position (and, with the
+   full far field, the cluster) of every selected token, so that
 5. split-K flash decoding over the sink, the recent window and the selected tokens reads one
    index per token before its key and value; each selected token also removes its cluster's
    far-field term (``(e^x - e^z) v``), so no second pass over the selected centroids;
@@ -170,7 +170,8 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The second stream of a step on ``device`` (None off CUDA: the interpreter runs launches
-    in order)."""
+    in order). One per device, shared: steps on one device are expected from one thread at a
+    time, as CUDA graph capture requires anyway."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -236,328 +237,333 @@ def fused_decode(
         ``out [B, H_kv, G, D]`` (cache dtype), ``lse [B, H_kv, G]`` float32, ``count [B, H_kv]``
         tokens attended exactly and ``num_selected [B, H_kv]`` clusters selected.
     """
-    from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
-    from .ops.lookup.kernel import (
-        _band_far_field_kernel,
-        _band_hist_kernel,
-        _centroid_pass_kernel,
-        _score_kernel,
-        _select_kernel,
-        _select_totals_kernel,
-    )
-
-    for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
-        if not t.is_contiguous():
-            raise ValueError(f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})")
-    tune = TUNING if tuning is None else tuning
-    b, h, g, d = q.shape
-    if far_count is not None and (
-        far_count.dtype != torch.int32
-        or far_count.shape != (b, h)
-        or not far_count.is_contiguous()
-        or far_count.device != q.device
-    ):
-        raise ValueError(
-            f"fused_decode: far_count must be a contiguous int32 [{b}, {h}] tensor on "
-            f"{q.device}, got {far_count.dtype} {list(far_count.shape)} on {far_count.device}"
+    # every launch and both streams on the tensors' device, whichever device is current
+    on_device = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
+        from .ops.lookup.kernel import (
+            _band_far_field_kernel,
+            _band_hist_kernel,
+            _centroid_pass_kernel,
+            _score_kernel,
+            _select_kernel,
+            _select_totals_kernel,
         )
-    dev = q.device
-    rows = b * h
-    num_clusters = layout.sizes.shape[-1]
-    kv_capacity = keys.shape[2]
-    block_g, block_d = _pow2(g), _pow2(d)
-    native = native_dot(q.dtype)
-    f32, i32 = torch.float32, torch.int32
-    buf = layout.buffer
-    partial = replacement and far_count is not None
-    full_far = replacement and not partial  # the far field of every cluster, from pass 1
 
-    # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
-    if full_far:
-        c_block, c_per_sm = tune.centroid_block, tune.centroid_programs_per_sm
-    else:
-        c_block, c_per_sm = tune.keys_only_block, tune.keys_only_programs_per_sm
-    per_c, splits_c = _per_split(num_clusters, rows, c_block, _target_programs(dev, c_per_sm))
-    z = buf("z", (b, h, g, num_clusters), f32)
-    m_c = buf("m_c", (rows, splits_c, g), f32)
-    l_c = buf("l_c", (rows, splits_c, g), f32)
-    acc_c = buf("acc_c", (rows, splits_c, g, d), f32) if full_far else m_c
-    _centroid_pass_kernel[(rows, splits_c)](
-        lookup_q,
-        layout.key_centroids,
-        layout.value_centroids,
-        layout.sizes,
-        z,
-        m_c,
-        l_c,
-        acc_c,
-        scale,
-        num_clusters,
-        g,
-        per_c,
-        splits_c,
-        HEAD_DIM=d,
-        BLOCK_G=block_g,
-        BLOCK_C=c_block,
-        BLOCK_D=block_d,
-        WITH_FAR=full_far,
-        NATIVE_DOT=native,
-        num_warps=4,
-    )
+        for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})"
+                )
+        tune = TUNING if tuning is None else tuning
+        b, h, g, d = q.shape
+        if far_count is not None and (
+            far_count.dtype != torch.int32
+            or far_count.shape != (b, h)
+            or not far_count.is_contiguous()
+            or far_count.device != q.device
+        ):
+            raise ValueError(
+                f"fused_decode: far_count must be a contiguous int32 [{b}, {h}] tensor on "
+                f"{q.device}, got {far_count.dtype} {list(far_count.shape)} on {far_count.device}"
+            )
+        dev = q.device
+        rows = b * h
+        num_clusters = layout.sizes.shape[-1]
+        kv_capacity = keys.shape[2]
+        block_g, block_d = _pow2(g), _pow2(d)
+        native = native_dot(q.dtype)
+        f32, i32 = torch.float32, torch.int32
+        buf = layout.buffer
+        partial = replacement and far_count is not None
+        full_far = replacement and not partial  # the far field of every cluster, from pass 1
 
-    # 2. Scores and the far field reduced over the splits; 3. selection.
-    list_capacity = max(1, min(num_clusters, max_budget))
-    block_n = tune.block_n if full_far else tune.keys_only_block_n
-    exact_capacity = -(-(sink_tokens + max_recent) // block_n) * block_n
-    token_capacity = exact_capacity + max_budget
-    score = buf("score", (rows, num_clusters), f32)
-    sel_first = buf("sel_first", (rows, list_capacity), i32)
-    sel_base = buf("sel_base", (rows, list_capacity), i32)
-    sel_cluster = buf("sel_cluster", (rows, list_capacity), i32)
-    count = buf("count", (rows,), i32)
-    num_selected = buf("num_selected", (rows,), i32)
-    far_m = buf("far_m", (rows, g), f32)
-    far_l = buf("far_l", (rows, g), f32)
-    far_acc = buf("far_acc", (rows, g, d), f32)
-    hist = buf("hist", (rows, BINS), i32, zero=True)  # the selection clears it
-    hist_args = (math.log(g), BINS_PER_NAT)  # bins below the largest score, log(group)
-    rows_g = _pow2(g, 1)
-    split_pad_c = _pow2(splits_c, 2)
-    _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
-        z,
-        m_c,
-        l_c,
-        acc_c,
-        score,
-        far_m,
-        far_l,
-        far_acc,
-        hist,
-        layout.sizes,
-        num_clusters,
-        g,
-        splits_c,
-        *hist_args,
-        HEAD_DIM=d,
-        BINS=BINS,
-        ROWS=rows_g,
-        SPLIT_PAD=split_pad_c,
-        CHUNK=SCORE_CHUNK,
-        FAR_SLICE=min(FAR_SLICE, block_d),
-        FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
-        WITH_FAR=full_far,
-        num_warps=4,
-    )
-    mass = buf("mass", (rows, num_clusters), f32) if partial else score
-    mass_top = buf("mass_top", (rows,), f32) if partial else far_m
-    band_hist = buf("band_hist", (rows, BINS), i32, zero=True) if partial else hist
-    boundary = buf("boundary", (rows, 3), i32) if partial else count
-    boundary_z = buf("boundary_z", (rows, g), f32) if partial else far_m
-    select_chunk = min(tune.select_chunk, _pow2(num_clusters))
-    select_chunks = -(-num_clusters // select_chunk)
-    row_bin = buf("row_bin", (rows,), i32)
-    totals = buf("select_totals", (rows, select_chunks, 4), i32)
-    _select_totals_kernel[(rows, select_chunks)](
-        score,
-        hist,
-        layout.sizes,
-        budget,
-        row_bin,
-        totals,
-        mass_top,
-        band_hist,
-        boundary,
-        h,
-        num_clusters,
-        *hist_args,
-        BINS=BINS,
-        CHUNK=select_chunk,
-        PARTIAL_FAR=partial,
-        num_warps=4,
-    )
-    _select_kernel[(rows, select_chunks)](
-        score,
-        hist,
-        layout.sizes,
-        layout.offsets,
-        budget,
-        seq_lens,
-        clustered_len,
-        row_bin,
-        totals,
-        sel_first,
-        sel_base,
-        sel_cluster,
-        count,
-        num_selected,
-        mass,
-        mass_top,
-        boundary,
-        h,
-        num_clusters,
-        list_capacity,
-        sink_tokens,
-        *hist_args,
-        BINS=BINS,
-        CHUNK=select_chunk,
-        CHUNKS_PAD=_pow2(select_chunks, 2),
-        PARTIAL_FAR=partial,
-        num_warps=4,
-    )
+        # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
+        if full_far:
+            c_block, c_per_sm = tune.centroid_block, tune.centroid_programs_per_sm
+        else:
+            c_block, c_per_sm = tune.keys_only_block, tune.keys_only_programs_per_sm
+        per_c, splits_c = _per_split(num_clusters, rows, c_block, _target_programs(dev, c_per_sm))
+        z = buf("z", (b, h, g, num_clusters), f32)
+        m_c = buf("m_c", (rows, splits_c, g), f32)
+        l_c = buf("l_c", (rows, splits_c, g), f32)
+        acc_c = buf("acc_c", (rows, splits_c, g, d), f32) if full_far else m_c
+        _centroid_pass_kernel[(rows, splits_c)](
+            lookup_q,
+            layout.key_centroids,
+            layout.value_centroids,
+            layout.sizes,
+            z,
+            m_c,
+            l_c,
+            acc_c,
+            scale,
+            num_clusters,
+            g,
+            per_c,
+            splits_c,
+            HEAD_DIM=d,
+            BLOCK_G=block_g,
+            BLOCK_C=c_block,
+            BLOCK_D=block_d,
+            WITH_FAR=full_far,
+            NATIVE_DOT=native,
+            num_warps=4,
+        )
 
-    # The exact pass's splits and partial states (also the slots of a partial far field's
-    # states), set before the fork below.
-    per_n, splits_n = _per_split(
-        token_capacity,
-        rows,
-        -(-max(block_n, tune.exact_min_split) // block_n) * block_n,
-        _target_programs(dev, tune.exact_programs_per_sm),
-    )
-    # a partial far field: its clusters' state fills slots after the exact splits
-    band_chunk = min(tune.band_chunk, _pow2(num_clusters))
-    splits_f = -(-num_clusters // band_chunk) if partial else 0
-    slots = splits_n + splits_f
-    m_e = buf("m_e", (rows, slots, g), f32)
-    l_e = buf("l_e", (rows, slots, g), f32)
-    acc_e = buf("acc_e", (rows, slots, g, d), f32)
-    # 4. Positions (and clusters) of the selected tokens, many programs per row; with a partial
-    # far field, its histogram and far field (which need the selection, not the positions) run
-    # at the same time on a second stream, joined before the exact pass (a fork and a join in
-    # a captured CUDA graph).
-    side = _side_stream(dev) if partial and tune.band_beside_expansion else None
-    if partial:
-        band_members = buf("band_members", (rows, num_clusters), i32)
+        # 2. Scores and the far field reduced over the splits; 3. selection.
+        list_capacity = max(1, min(num_clusters, max_budget))
+        block_n = tune.block_n if full_far else tune.keys_only_block_n
+        exact_capacity = -(-(sink_tokens + max_recent) // block_n) * block_n
+        token_capacity = exact_capacity + max_budget
+        score = buf("score", (rows, num_clusters), f32)
+        sel_first = buf("sel_first", (rows, list_capacity), i32)
+        sel_base = buf("sel_base", (rows, list_capacity), i32)
+        sel_cluster = buf("sel_cluster", (rows, list_capacity), i32)
+        count = buf("count", (rows,), i32)
+        num_selected = buf("num_selected", (rows,), i32)
+        far_m = buf("far_m", (rows, g), f32)
+        far_l = buf("far_l", (rows, g), f32)
+        far_acc = buf("far_acc", (rows, g, d), f32)
+        hist = buf("hist", (rows, BINS), i32, zero=True)  # the selection clears it
+        score_bins = (math.log(g), BINS_PER_NAT)  # bins below the largest score, log(group)
+        rows_g = _pow2(g, 1)
+        split_pad_c = _pow2(splits_c, 2)
+        _score_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
+            z,
+            m_c,
+            l_c,
+            acc_c,
+            score,
+            far_m,
+            far_l,
+            far_acc,
+            hist,
+            layout.sizes,
+            num_clusters,
+            g,
+            splits_c,
+            *score_bins,
+            HEAD_DIM=d,
+            BINS=BINS,
+            ROWS=rows_g,
+            SPLIT_PAD=split_pad_c,
+            CHUNK=SCORE_CHUNK,
+            FAR_SLICE=min(FAR_SLICE, block_d),
+            FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
+            WITH_FAR=full_far,
+            num_warps=4,
+        )
+        mass = buf("mass", (rows, num_clusters), f32) if partial else score
+        mass_top = buf("mass_top", (rows,), f32) if partial else far_m
+        band_hist = buf("band_hist", (rows, BINS), i32) if partial else hist  # selection clears
+        boundary = buf("boundary", (rows, 3), i32) if partial else count
+        boundary_z = buf("boundary_z", (rows, g), f32) if partial else far_m
+        select_chunk = min(tune.select_chunk, _pow2(num_clusters))
+        select_chunks = -(-num_clusters // select_chunk)
+        row_bin = buf("row_bin", (rows,), i32)
+        totals = buf("select_totals", (rows, select_chunks, 4), i32)
+        _select_totals_kernel[(rows, select_chunks)](
+            score,
+            hist,
+            layout.sizes,
+            budget,
+            row_bin,
+            totals,
+            mass_top,
+            band_hist,
+            boundary,
+            h,
+            num_clusters,
+            *score_bins,
+            BINS=BINS,
+            CHUNK=select_chunk,
+            PARTIAL_FAR=partial,
+            num_warps=4,
+        )
+        _select_kernel[(rows, select_chunks)](
+            score,
+            hist,
+            layout.sizes,
+            layout.offsets,
+            budget,
+            seq_lens,
+            clustered_len,
+            row_bin,
+            totals,
+            sel_first,
+            sel_base,
+            sel_cluster,
+            count,
+            num_selected,
+            mass,
+            mass_top,
+            boundary,
+            h,
+            num_clusters,
+            list_capacity,
+            sink_tokens,
+            *score_bins,
+            BINS=BINS,
+            CHUNK=select_chunk,
+            CHUNKS_PAD=_pow2(select_chunks, 2),
+            PARTIAL_FAR=partial,
+            num_warps=4,
+        )
+
+        # The exact pass's splits and partial states (also the slots of a partial far field's
+        # states), set before the fork below.
+        per_n, splits_n = _per_split(
+            token_capacity,
+            rows,
+            -(-max(block_n, tune.exact_min_split) // block_n) * block_n,
+            _target_programs(dev, tune.exact_programs_per_sm),
+        )
+        # a partial far field: its clusters' state fills slots after the exact splits
+        band_chunk = min(tune.band_chunk, _pow2(num_clusters))
+        splits_f = -(-num_clusters // band_chunk) if partial else 0
+        slots = splits_n + splits_f
+        m_e = buf("m_e", (rows, slots, g), f32)
+        l_e = buf("l_e", (rows, slots, g), f32)
+        acc_e = buf("acc_e", (rows, slots, g, d), f32)
+        # 4. Positions (and clusters) of the selected tokens, many programs per row; with a partial
+        # far field, its histogram and far field (which need the selection, not the positions) run
+        # at the same time on a second stream, joined before the exact pass (a fork and a join in
+        # a captured CUDA graph).
+        side = _side_stream(dev) if partial and tune.band_beside_expansion else None
+        if partial:
+            band_members = buf("band_members", (rows, num_clusters), i32)
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # (None: the current stream)
+                _band_hist_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
+                    mass,
+                    mass_top,
+                    band_hist,
+                    num_clusters,
+                    BINS_PER_NAT,
+                    BINS=BINS,
+                    CHUNK=SCORE_CHUNK,
+                    num_warps=4,
+                )
+                _band_far_field_kernel[(rows, splits_f)](
+                    z,
+                    layout.value_centroids,
+                    layout.sizes,
+                    mass,
+                    mass_top,
+                    band_hist,
+                    far_count,
+                    boundary,
+                    boundary_z,
+                    band_members,
+                    m_e,
+                    l_e,
+                    acc_e,
+                    num_clusters,
+                    g,
+                    splits_n,
+                    slots,
+                    BINS_PER_NAT,
+                    HEAD_DIM=d,
+                    BINS=BINS,
+                    CHUNK=band_chunk,
+                    BLOCK_G=block_g,
+                    BLOCK_M=BAND_BLOCK,
+                    BLOCK_D=block_d,
+                    NATIVE_DOT=native,
+                    num_warps=4,
+                )
+        slot_capacity = max(1, max_budget)
+        pos = buf("pos", (rows, slot_capacity), i32)
+        cluster = buf("cluster", (rows, slot_capacity), i32) if full_far else pos
+        per_x, splits_x = _per_split(
+            slot_capacity, rows, EXPAND_BLOCK, _target_programs(dev, tune.expand_programs_per_sm)
+        )
+        _expand_kernel[(rows, splits_x)](
+            sel_first,
+            sel_base,
+            sel_cluster,
+            layout.order,
+            count,
+            num_selected,
+            seq_lens,
+            clustered_len,
+            pos,
+            cluster,
+            h,
+            list_capacity,
+            layout.order.shape[-1],
+            slot_capacity,
+            sink_tokens,
+            per_x,
+            BLOCK=EXPAND_BLOCK,
+            WINDOW=2 * EXPAND_BLOCK,
+            RANK_CHUNK=RANK_CHUNK,
+            WITH_FAR=full_far,
+            num_warps=4,
+        )
+
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _band_hist_kernel[(rows, -(-num_clusters // SCORE_CHUNK))](
-                mass,
-                mass_top,
-                band_hist,
-                num_clusters,
-                BINS_PER_NAT,
-                BINS=BINS,
-                CHUNK=SCORE_CHUNK,
-                num_warps=4,
-            )
-            _band_far_field_kernel[(rows, splits_f)](
-                z,
-                layout.value_centroids,
-                layout.sizes,
-                mass,
-                mass_top,
-                band_hist,
-                far_count,
-                boundary,
-                boundary_z,
-                band_members,
-                m_e,
-                l_e,
-                acc_e,
-                num_clusters,
-                g,
-                splits_n,
-                slots,
-                BINS_PER_NAT,
-                HEAD_DIM=d,
-                BINS=BINS,
-                CHUNK=band_chunk,
-                BLOCK_G=block_g,
-                BLOCK_M=BAND_BLOCK,
-                BLOCK_D=block_d,
-                NATIVE_DOT=native,
-                num_warps=4,
-            )
-    slot_capacity = max(1, max_budget)
-    pos = buf("pos", (rows, slot_capacity), i32)
-    cluster = buf("cluster", (rows, slot_capacity), i32) if full_far else pos
-    per_x, splits_x = _per_split(
-        slot_capacity, rows, EXPAND_BLOCK, _target_programs(dev, tune.expand_programs_per_sm)
-    )
-    _expand_kernel[(rows, splits_x)](
-        sel_first,
-        sel_base,
-        sel_cluster,
-        layout.order,
-        count,
-        num_selected,
-        seq_lens,
-        clustered_len,
-        pos,
-        cluster,
-        h,
-        list_capacity,
-        layout.order.shape[-1],
-        slot_capacity,
-        sink_tokens,
-        per_x,
-        BLOCK=EXPAND_BLOCK,
-        WINDOW=2 * EXPAND_BLOCK,
-        RANK_CHUNK=RANK_CHUNK,
-        WITH_FAR=full_far,
-        num_warps=4,
-    )
+            torch.cuda.current_stream(dev).wait_stream(side)
 
-    if side is not None:
-        torch.cuda.current_stream(dev).wait_stream(side)
-
-    # 5. Exact pass over sink, recent window and selected tokens (minus their far field);
-    # 6. merge.
-    out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
-    lse = torch.empty(b, h, g, device=dev, dtype=f32)
-    split_pad_n = _pow2(slots, 2)
-    _sparse_decode_kernel[(rows, splits_n)](
-        q,
-        keys,
-        values,
-        pos,
-        cluster,
-        z,
-        boundary,
-        boundary_z,
-        count,
-        seq_lens,
-        clustered_len,
-        m_e,
-        l_e,
-        acc_e,
-        scale,
-        h,
-        g,
-        num_clusters,
-        slot_capacity,
-        kv_capacity,
-        sink_tokens,
-        exact_capacity,
-        per_n,
-        slots,
-        HEAD_DIM=d,
-        BLOCK_G=block_g,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        WITH_FAR=replacement,
-        BOUNDARY_ONLY=partial,
-        NATIVE_DOT=native,
-        num_warps=4,
-    )
-    merge_d = min(tune.merge_slice, block_d)
-    _merge_kernel[(rows, block_d // merge_d)](
-        m_e,
-        l_e,
-        acc_e,
-        far_m,
-        far_l,
-        far_acc,
-        out,
-        lse,
-        g,
-        slots,
-        HEAD_DIM=d,
-        BLOCK_G=rows_g,
-        BLOCK_D=merge_d,
-        SPLIT_PAD=split_pad_n,
-        SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
-        WITH_FAR=full_far,
-        num_warps=4,
-    )
-    return out, lse, count.view(b, h), num_selected.view(b, h)
+        # 5. Exact pass over sink, recent window and selected tokens (minus their far field);
+        # 6. merge.
+        out = torch.empty(b, h, g, d, device=dev, dtype=q.dtype)
+        lse = torch.empty(b, h, g, device=dev, dtype=f32)
+        split_pad_n = _pow2(slots, 2)
+        _sparse_decode_kernel[(rows, splits_n)](
+            q,
+            keys,
+            values,
+            pos,
+            cluster,
+            z,
+            boundary,
+            boundary_z,
+            count,
+            seq_lens,
+            clustered_len,
+            m_e,
+            l_e,
+            acc_e,
+            scale,
+            h,
+            g,
+            num_clusters,
+            slot_capacity,
+            kv_capacity,
+            sink_tokens,
+            exact_capacity,
+            per_n,
+            slots,
+            HEAD_DIM=d,
+            BLOCK_G=block_g,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            WITH_FAR=replacement,
+            BOUNDARY_ONLY=partial,
+            NATIVE_DOT=native,
+            num_warps=4,
+        )
+        merge_d = min(tune.merge_slice, block_d)
+        _merge_kernel[(rows, block_d // merge_d)](
+            m_e,
+            l_e,
+            acc_e,
+            far_m,
+            far_l,
+            far_acc,
+            out,
+            lse,
+            g,
+            slots,
+            HEAD_DIM=d,
+            BLOCK_G=rows_g,
+            BLOCK_D=merge_d,
+            SPLIT_PAD=split_pad_n,
+            SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
+            WITH_FAR=full_far,
+            num_warps=4,
+        )
+        return out, lse, count.view(b, h), num_selected.view(b, h)

@@ -500,8 +500,9 @@ class MultipoleState(DecodeState):
         ``seq_len`` tokens: sink, recent window and every centroid scored (with
         ``levels == 2``: every level-1 centroid plus the level-0 clusters of
         ``coarse_budget_tokens`` tokens). With ``position_free_keys`` and
-        ``far_field_keys="attention"`` (a model integration passes clustering keys, so the
-        far field keeps its own key centroids) those are counted too."""
+        ``far_field_keys="attention"`` the far field's own key centroids are counted too (the
+        state keeps them when prefill gets ``cluster_keys``, which ``multipole.hf`` passes
+        exactly when ``position_free_keys`` is set)."""
         length = initial_clustered_len(seq_len, config)
         fine = [config.clusters_for(n) for n in config.block_sizes(length)]
         if config.levels == 1:
@@ -648,7 +649,8 @@ class MultipoleState(DecodeState):
         score0 = log_importance(z0, candidates, log_denominator)
         budget = self._per_sequence(cfg.budget_tokens)
         # scores are at most log(group): a cluster with every query head's whole probability
-        taken = take_by_budget(score0, level0.sizes, candidates, budget, math.log(q.shape[2]))
+        top = math.log(lookup_q.shape[2])
+        taken = take_by_budget(score0, level0.sizes, candidates, budget, top)
 
         exact, middle, _ = self._regions()
         labels = index.labels[:, :, :n]

@@ -99,6 +99,15 @@ def test_take_by_budget_fills_in_score_bins_then_cluster_order():
             top,
         )
         assert got[0, 0].tolist() == taken, budget
+    dead = torch.tensor([float("-inf"), top])  # a -inf score takes nothing, as in the kernels
+    got = take_by_budget(
+        dead.view(1, 1, -1),
+        torch.tensor([[[3, 3]]]),
+        torch.ones(1, 1, 2, dtype=torch.bool),
+        torch.tensor([6]),
+        top,
+    )
+    assert got[0, 0].tolist() == [0, 3]
     two = take_by_budget(
         score.expand(2, 1, -1),
         sizes.expand(2, 1, -1),

@@ -773,8 +773,9 @@ def run(
 
     for (context, batch), layers in plan.items():
         if torch.device(s.device).type == "cuda":
-            models.clear()  # room for the warm-up's one layer of this shape
-            _free(s.device)
+            if layers not in models:  # room for the warm-up's one layer of this shape
+                models.clear()
+                _free(s.device)
             warm_up_kernels(s, arch["num_attention_heads"], context, batch)
         if "check" not in meta:
             depth = min(layers, CHECK_LAYERS)

@@ -125,8 +125,8 @@ def _score_kernel(
     num_clusters,
     group,
     num_splits,
-    hist_top,
-    hist_scale,
+    top_score,
+    bins_per_nat,
     HEAD_DIM: tl.constexpr,
     BINS: tl.constexpr,
     ROWS: tl.constexpr,
@@ -165,7 +165,7 @@ def _score_kernel(
         SIZES + bh * num_clusters + cs, mask=mask_c & (score > float("-inf")), other=0
     )
     tl.atomic_add(
-        HIST + bh * BINS + _score_bin(score, hist_top, hist_scale, BINS),
+        HIST + bh * BINS + _bin_below(score, top_score, bins_per_nat, BINS),
         live_sizes,
         mask=live_sizes > 0,
         sem="relaxed",
@@ -202,31 +202,34 @@ def _score_kernel(
 
 
 @triton.jit
-def _score_bin(score, top, scale, BINS: tl.constexpr):
-    """Histogram bin of a score: ``floor((top - score) * scale)`` clamped to the bins, so a
-    higher score never gets a higher bin (bin 0 holds the best scores; ``-inf`` the last)."""
-    x = tl.minimum(tl.maximum((top - score) * scale, 0.0), BINS - 1)
-    return x.to(tl.int32)
-
-
-@triton.jit
-def _row_tile(SCORE, SIZES, row, c0, num_clusters, TILE: tl.constexpr):
-    """Scores and sizes of clusters ``c0 .. c0 + TILE`` of a row (dead ones: ``-inf``, 0)."""
-    cs = c0 + tl.arange(0, TILE)
-    mask = cs < num_clusters
-    s = tl.load(SCORE + row + cs, mask=mask, other=float("-inf"))
-    w = tl.load(SIZES + row + cs, mask=mask, other=0)
-    w = tl.where(s > float("-inf"), w, 0)
-    return s, w
+def _bin_below(x, top, bins_per_nat, BINS: tl.constexpr):
+    """Bin of a score or mass (the reference's ``bins_below``): ``floor((top - x) *
+    bins_per_nat)`` clamped to the bins, so a higher value never gets a higher bin (bin 0 holds
+    the best; ``-inf`` the last)."""
+    b = tl.minimum(tl.maximum((top - x) * bins_per_nat, 0.0), BINS - 1)
+    return b.to(tl.int32)
 
 
 @triton.jit
 def _bin_tile(
-    SCORE, SIZES, row, chunk, num_clusters, top, scale, BINS: tl.constexpr, CHUNK: tl.constexpr
+    SCORE,
+    SIZES,
+    row,
+    chunk,
+    num_clusters,
+    top,
+    bins_per_nat,
+    BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    """A chunk's sizes (dead clusters: 0) and score bins (``_score_bin``), and its scores."""
-    s, w = _row_tile(SCORE, SIZES, row, chunk * CHUNK, num_clusters, CHUNK)
-    return s, w, _score_bin(s, top, scale, BINS)
+    """Scores, sizes and score bins (``_bin_below``) of the clusters of one chunk of a row; dead
+    clusters (score ``-inf``) get size 0."""
+    cs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = cs < num_clusters
+    s = tl.load(SCORE + row + cs, mask=mask, other=float("-inf"))
+    w = tl.load(SIZES + row + cs, mask=mask, other=0)
+    w = tl.where(s > float("-inf"), w, 0)
+    return s, w, _bin_below(s, top, bins_per_nat, BINS)
 
 
 @triton.jit
@@ -242,37 +245,37 @@ def _select_totals_kernel(
     BOUNDARY,
     num_kv_heads,
     num_clusters,
-    hist_top,
-    hist_scale,
+    top_score,
+    bins_per_nat,
     BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     PARTIAL_FAR: tl.constexpr,
 ):
     """First half of the selection (``take_by_budget``), one chunk of a row per program: the
-    row's boundary bin, the first where the running size of the score histogram passes the
-    budget (every program finds it; chunk 0 writes it to ``ROW_BIN``), and the chunk's totals
-    ``TOTALS[row, chunk] = (size in the boundary bin, clusters before it, their size, clusters
-    in it)``. ``PARTIAL_FAR``: chunk 0 also resets the row's ``MASS_TOP`` (``-inf``) and
-    ``BOUNDARY`` (``-1, 0, 0``), and each program clears a slice of ``BAND_HIST``.
-    Grid: (rows, chunks)."""
+    row's edge bin, where the budget runs out (the first where the running size of the score
+    histogram passes it; every program finds it, chunk 0 writes it to ``ROW_BIN``), and the
+    chunk's totals ``TOTALS[row, chunk] = (size in the edge bin, clusters before it, their
+    size, clusters in it)``. ``PARTIAL_FAR``: chunk 0 also resets the row's ``MASS_TOP``
+    (``-inf``) and ``BOUNDARY`` (``-1, 0, 0``), and each program clears a slice of
+    ``BAND_HIST``. Grid: (rows, chunks)."""
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     budget = tl.load(BUDGET + bh // num_kv_heads)
     offs_h = tl.arange(0, BINS)
     hist = tl.load(HIST + bh * BINS + offs_h)
-    bin_star = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, BINS))
+    edge_bin = tl.min(tl.where(tl.cumsum(hist, 0) > budget, offs_h, BINS))
     _, w, bins = _bin_tile(
-        SCORE, SIZES, bh * num_clusters, chunk, num_clusters, hist_top, hist_scale, BINS, CHUNK
+        SCORE, SIZES, bh * num_clusters, chunk, num_clusters, top_score, bins_per_nat, BINS, CHUNK
     )
-    before = (w > 0) & (bins < bin_star)
-    inside = (w > 0) & (bins == bin_star)
+    before = (w > 0) & (bins < edge_bin)
+    inside = (w > 0) & (bins == edge_bin)
     out = TOTALS + (bh * tl.num_programs(1) + chunk) * 4
     tl.store(out, tl.sum(tl.where(inside, w, 0)))
     tl.store(out + 1, tl.sum(before.to(tl.int32)))
     tl.store(out + 2, tl.sum(tl.where(before, w, 0)))
     tl.store(out + 3, tl.sum(inside.to(tl.int32)))
     if chunk == 0:
-        tl.store(ROW_BIN + bh, bin_star)
+        tl.store(ROW_BIN + bh, edge_bin)
     if PARTIAL_FAR:
         if chunk == 0:
             tl.store(MASS_TOP + bh, float("-inf"))
@@ -307,15 +310,15 @@ def _select_kernel(
     num_clusters,
     list_capacity,
     sink,
-    hist_top,
-    hist_scale,
+    top_score,
+    bins_per_nat,
     BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     PARTIAL_FAR: tl.constexpr,
 ):
     """Second half of the selection, one chunk of a row per program: the tokens each cluster
-    takes (``take_by_budget``: clusters before the boundary bin whole; in it, in cluster order,
+    takes (``take_by_budget``: clusters before the edge bin whole; in it, in cluster order,
     what the budget leaves) from the chunk totals' prefix sums, and the compact list of
     selected clusters in cluster order. For selected cluster of rank r it writes
     ``SEL_FIRST[r]`` (its first slot among the selected tokens), ``SEL_BASE[r]``
@@ -331,45 +334,45 @@ def _select_kernel(
     num_chunks = tl.num_programs(1)
     b = bh // num_kv_heads
     row = bh * num_clusters
-    bin_star = tl.load(ROW_BIN + bh)
+    edge_bin = tl.load(ROW_BIN + bh)
     offs_k = tl.arange(0, CHUNKS_PAD)
     mask_k = offs_k < num_chunks
     totals = TOTALS + (bh * num_chunks + offs_k) * 4
-    star_size = tl.load(totals, mask=mask_k, other=0)
+    edge_size = tl.load(totals, mask=mask_k, other=0)
     whole_count = tl.load(totals + 1, mask=mask_k, other=0)
     whole_size = tl.load(totals + 2, mask=mask_k, other=0)
-    star_count = tl.load(totals + 3, mask=mask_k, other=0)
-    # the clusters before the boundary bin fit whole; the bin's fill, in cluster order, takes
-    # the rest of the budget: a chunk whose bin tokens start at `star_before` takes them all,
+    edge_count = tl.load(totals + 3, mask=mask_k, other=0)
+    # the clusters before the edge bin fit whole; the bin's fill, in cluster order, takes
+    # the rest of the budget: a chunk whose bin tokens start at `edge_before` takes them all,
     # part (the crossing chunk, at most one) or none
     rest = tl.load(BUDGET + b) - tl.sum(whole_size)
-    star_before = tl.cumsum(star_size, 0) - star_size
-    full = mask_k & (star_before + star_size <= rest)
-    crossing = mask_k & ~full & (star_before < rest)
+    edge_before = tl.cumsum(edge_size, 0) - edge_size
+    full = mask_k & (edge_before + edge_size <= rest)
+    crossing = mask_k & ~full & (edge_before < rest)
     cross = tl.min(tl.where(crossing, offs_k, CHUNKS_PAD))
     # selected clusters per chunk, those of the crossing chunk counted from its tile
-    per_chunk = whole_count + tl.where(full, star_count, 0)
+    per_chunk = whole_count + tl.where(full, edge_count, 0)
     if cross < chunk:  # (the ranks of earlier chunks only are needed)
         _, w_x, bins_x = _bin_tile(
-            SCORE, SIZES, row, cross, num_clusters, hist_top, hist_scale, BINS, CHUNK
+            SCORE, SIZES, row, cross, num_clusters, top_score, bins_per_nat, BINS, CHUNK
         )
-        in_x = tl.where((w_x > 0) & (bins_x == bin_star), w_x, 0)
-        before_x = tl.sum(tl.where(offs_k == cross, star_before, 0)) + tl.cumsum(in_x, 0) - in_x
+        in_x = tl.where((w_x > 0) & (bins_x == edge_bin), w_x, 0)
+        before_x = tl.sum(tl.where(offs_k == cross, edge_before, 0)) + tl.cumsum(in_x, 0) - in_x
         taken_x = tl.sum(((in_x > 0) & (before_x < rest)).to(tl.int32))
         per_chunk += tl.where(offs_k == cross, taken_x, 0)
     earlier = offs_k < chunk
     rank0 = tl.sum(tl.where(earlier, per_chunk, 0))
-    own_star_before = tl.sum(tl.where(offs_k == chunk, star_before, 0))
-    slot0 = tl.sum(tl.where(earlier, whole_size, 0)) + tl.minimum(rest, own_star_before)
+    own_edge_before = tl.sum(tl.where(offs_k == chunk, edge_before, 0))
+    slot0 = tl.sum(tl.where(earlier, whole_size, 0)) + tl.minimum(rest, own_edge_before)
 
     s, w, bins = _bin_tile(
-        SCORE, SIZES, row, chunk, num_clusters, hist_top, hist_scale, BINS, CHUNK
+        SCORE, SIZES, row, chunk, num_clusters, top_score, bins_per_nat, BINS, CHUNK
     )
     cs = chunk * CHUNK + tl.arange(0, CHUNK)
-    inside = tl.where((w > 0) & (bins == bin_star), w, 0)
-    in_before = own_star_before + tl.cumsum(inside, 0) - inside
+    inside = tl.where((w > 0) & (bins == edge_bin), w, 0)
+    in_before = own_edge_before + tl.cumsum(inside, 0) - inside
     part = tl.minimum(tl.maximum(rest - in_before, 0), inside)
-    taken = tl.where(bins < bin_star, w, part)
+    taken = tl.where(bins < edge_bin, w, part)
     selected = taken > 0
     rank = rank0 + tl.cumsum(selected.to(tl.int32), 0) - 1
     first = slot0 + tl.cumsum(taken, 0) - taken
@@ -425,7 +428,7 @@ def _band_hist_kernel(
     cs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
     left = mass > float("-inf")
-    bins = _score_bin(mass, _mass_top(MASS_TOP, bh), bins_per_nat, BINS)
+    bins = _bin_below(mass, _mass_top(MASS_TOP, bh), bins_per_nat, BINS)
     tl.atomic_add(BAND_HIST + bh * BINS + bins, left.to(tl.int32), mask=left, sem="relaxed")
 
 
@@ -479,7 +482,7 @@ def _band_far_field_kernel(
     cut = tl.sum((tl.cumsum(counts, 0) <= tl.load(FAR_COUNT + bh)).to(tl.int32))
     cs = chunk * CHUNK + tl.arange(0, CHUNK)
     mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
-    bins = _score_bin(mass, _mass_top(MASS_TOP, bh), bins_per_nat, BINS)
+    bins = _bin_below(mass, _mass_top(MASS_TOP, bh), bins_per_nat, BINS)
     in_far = (mass > float("-inf")) & (bins < cut)
     boundary = tl.load(BOUNDARY + 3 * bh)
     if (boundary >= chunk * CHUNK) & (boundary < chunk * CHUNK + CHUNK):
