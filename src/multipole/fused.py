@@ -237,36 +237,34 @@ def fused_decode(
         ``out [B, H_kv, G, D]`` (cache dtype), ``lse [B, H_kv, G]`` float32, ``count [B, H_kv]``
         tokens attended exactly and ``num_selected [B, H_kv]`` clusters selected.
     """
+    from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
+    from .ops.lookup.kernel import (
+        _band_far_field_kernel,
+        _band_hist_kernel,
+        _centroid_pass_kernel,
+        _score_kernel,
+        _select_kernel,
+        _select_totals_kernel,
+    )
+
+    for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
+        if not t.is_contiguous():
+            raise ValueError(f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})")
+    tune = TUNING if tuning is None else tuning
+    b, h, g, d = q.shape
+    if far_count is not None and (
+        far_count.dtype != torch.int32
+        or far_count.shape != (b, h)
+        or not far_count.is_contiguous()
+        or far_count.device != q.device
+    ):
+        raise ValueError(
+            f"fused_decode: far_count must be a contiguous int32 [{b}, {h}] tensor on "
+            f"{q.device}, got {far_count.dtype} {list(far_count.shape)} on {far_count.device}"
+        )
     # every launch and both streams on the tensors' device, whichever device is current
     on_device = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with on_device:
-        from .ops.decode.kernel import _expand_kernel, _merge_kernel, _sparse_decode_kernel
-        from .ops.lookup.kernel import (
-            _band_far_field_kernel,
-            _band_hist_kernel,
-            _centroid_pass_kernel,
-            _score_kernel,
-            _select_kernel,
-            _select_totals_kernel,
-        )
-
-        for name, t in (("keys", keys), ("values", values), ("q", q), ("lookup_q", lookup_q)):
-            if not t.is_contiguous():
-                raise ValueError(
-                    f"fused_decode: {name} must be contiguous (row-major {list(t.shape)})"
-                )
-        tune = TUNING if tuning is None else tuning
-        b, h, g, d = q.shape
-        if far_count is not None and (
-            far_count.dtype != torch.int32
-            or far_count.shape != (b, h)
-            or not far_count.is_contiguous()
-            or far_count.device != q.device
-        ):
-            raise ValueError(
-                f"fused_decode: far_count must be a contiguous int32 [{b}, {h}] tensor on "
-                f"{q.device}, got {far_count.dtype} {list(far_count.shape)} on {far_count.device}"
-            )
         dev = q.device
         rows = b * h
         num_clusters = layout.sizes.shape[-1]

@@ -233,6 +233,23 @@ def _bin_tile(
 
 
 @triton.jit
+def _edge_fill(w, bins, edge_bin, before, rest):
+    """Tokens the edge bin's clusters of a tile take, in cluster order, from what the budget
+    leaves (``rest``), ``before`` of the bin's tokens being in earlier chunks (0 elsewhere)."""
+    inside = tl.where((w > 0) & (bins == edge_bin), w, 0)
+    in_before = before + tl.cumsum(inside, 0) - inside
+    return tl.minimum(tl.maximum(rest - in_before, 0), inside)
+
+
+@triton.jit
+def _clear_slice(HIST, chunk, num_chunks, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Zero this chunk's share of a row's ``BINS`` histogram bins (all chunks clear them all)."""
+    offs = tl.arange(0, CHUNK)
+    for h0 in range(chunk * CHUNK, BINS, num_chunks * CHUNK):
+        tl.store(HIST + h0 + offs, 0, mask=h0 + offs < BINS)
+
+
+@triton.jit
 def _select_totals_kernel(
     SCORE,
     HIST,
@@ -282,9 +299,7 @@ def _select_totals_kernel(
             tl.store(BOUNDARY + 3 * bh, -1)
             tl.store(BOUNDARY + 3 * bh + 1, 0)
             tl.store(BOUNDARY + 3 * bh + 2, 0)
-        offs_c = tl.arange(0, CHUNK)
-        for h0 in range(chunk * CHUNK, BINS, tl.num_programs(1) * CHUNK):
-            tl.store(BAND_HIST + bh * BINS + h0 + offs_c, 0, mask=h0 + offs_c < BINS)
+        _clear_slice(BAND_HIST + bh * BINS, chunk, tl.num_programs(1), BINS, CHUNK)
 
 
 @triton.jit
@@ -356,10 +371,9 @@ def _select_kernel(
         _, w_x, bins_x = _bin_tile(
             SCORE, SIZES, row, cross, num_clusters, top_score, bins_per_nat, BINS, CHUNK
         )
-        in_x = tl.where((w_x > 0) & (bins_x == edge_bin), w_x, 0)
-        before_x = tl.sum(tl.where(offs_k == cross, edge_before, 0)) + tl.cumsum(in_x, 0) - in_x
-        taken_x = tl.sum(((in_x > 0) & (before_x < rest)).to(tl.int32))
-        per_chunk += tl.where(offs_k == cross, taken_x, 0)
+        cross_before = tl.sum(tl.where(offs_k == cross, edge_before, 0))
+        part_x = _edge_fill(w_x, bins_x, edge_bin, cross_before, rest)
+        per_chunk += tl.where(offs_k == cross, tl.sum((part_x > 0).to(tl.int32)), 0)
     earlier = offs_k < chunk
     rank0 = tl.sum(tl.where(earlier, per_chunk, 0))
     own_edge_before = tl.sum(tl.where(offs_k == chunk, edge_before, 0))
@@ -369,10 +383,7 @@ def _select_kernel(
         SCORE, SIZES, row, chunk, num_clusters, top_score, bins_per_nat, BINS, CHUNK
     )
     cs = chunk * CHUNK + tl.arange(0, CHUNK)
-    inside = tl.where((w > 0) & (bins == edge_bin), w, 0)
-    in_before = own_edge_before + tl.cumsum(inside, 0) - inside
-    part = tl.minimum(tl.maximum(rest - in_before, 0), inside)
-    taken = tl.where(bins < edge_bin, w, part)
+    taken = tl.where(bins < edge_bin, w, _edge_fill(w, bins, edge_bin, own_edge_before, rest))
     selected = taken > 0
     rank = rank0 + tl.cumsum(selected.to(tl.int32), 0) - 1
     first = slot0 + tl.cumsum(taken, 0) - taken
@@ -381,9 +392,7 @@ def _select_kernel(
     tl.store(SEL_FIRST + list_base + rank, first, mask=selected)
     tl.store(SEL_BASE + list_base + rank, offset - first, mask=selected)
     tl.store(SEL_CLUSTER + list_base + rank, cs, mask=selected)
-    offs_c = tl.arange(0, CHUNK)
-    for h0 in range(chunk * CHUNK, BINS, num_chunks * CHUNK):
-        tl.store(HIST + bh * BINS + h0 + offs_c, 0, mask=h0 + offs_c < BINS)
+    _clear_slice(HIST + bh * BINS, chunk, num_chunks, BINS, CHUNK)
     if PARTIAL_FAR:
         left = w - taken
         mass = tl.where(left > 0, s + tl.log(tl.maximum(left, 1).to(tl.float32)), float("-inf"))
