@@ -7,10 +7,11 @@ cache (``X + base[g] + i * D``, no gathered copy):
 - ``_assign_kernel``: nearest active centroid of every point (``argmin ||c||^2 - 2 x.c``, ties
   to the lower index) and its squared distance, one program per tile of points;
 - ``_accumulate_kernel``: per-cluster sums and counts as a one-hot matrix product (exact 0/1
-  weights, fp32 accumulation), split over programs by cluster tiles and points, each program
-  reading only its tile's members (the points sorted by label first); the last point-split
-  of a cluster tile divides and writes the means (empty clusters keep a given centroid or get
-  0) and the sizes, to any ``[base[g] + k * D]`` destination (the index's own storage too);
+  weights, fp32 accumulation), split over programs by cluster tiles and point ranges; each
+  program first lists its tile's members in its range (a prefix sum over the labels, in point
+  order, so the sums are deterministic) and reads only their rows; the last point-split of a
+  cluster tile divides and writes the means (empty clusters keep a given centroid or get 0)
+  and the sizes, to any ``[base[g] + k * D]`` destination (the index's own storage too);
 - re-seeding (in the accumulation's last program of a group): every empty active cluster moves
   onto the farthest point not yet used (in cluster order, farthest first: the reference's
   top-k rule), with no host round trip;
@@ -31,9 +32,14 @@ import triton.language as tl
 from ..kernel_utils import interpreting
 
 BLOCK_N = 64  # points per tile of the accumulation
-BLOCK_K = 128  # clusters per tile of the accumulation (H100: 128 beat 64 at prefill)
-ASSIGN_BLOCK_N = 128  # points per program of the assignment (H100: 128 beat 64)
-ASSIGN_BLOCK_K = 32  # clusters per tile of the assignment (no register spills at d=128)
+SCAN = 1024  # labels per step of the accumulation's member listing
+# H100, an online update's 8 heads x (8192 + 128) points x 520 clusters, bf16
+# (NOTES_kernels.md Round 9): accumulation 57 us at 32 clusters per tile, 68 at 64, 88 at 128
+# (prefill at 128K: 20.2 / 20.5 / 22.9 ms per layer); assignment 84 us at 256 x 64, 89-107
+# at the other tiles that fit (101 at the old 128 x 32)
+BLOCK_K = 32  # clusters per tile of the accumulation
+ASSIGN_BLOCK_N = 256  # points per program of the assignment
+ASSIGN_BLOCK_K = 64  # clusters per tile of the assignment
 WARPS = 8
 _MASK32 = 0xFFFFFFFF
 
@@ -129,8 +135,7 @@ def _accumulate_kernel(
     OUT_Y_BASE,
     SQD,
     GROUP_SEMAPHORE,
-    ORDER,
-    TILE_START,
+    MEMBERS,
     max_points,
     max_clusters,
     num_splits,
@@ -138,15 +143,17 @@ def _accumulate_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SCAN: tl.constexpr,
     NATIVE: tl.constexpr,
     KEEP_OLD: tl.constexpr,
     WITH_Y: tl.constexpr,
     RESEED: tl.constexpr,
 ):
     """Member means of clusters ``kt * BLOCK_K ..`` of group ``g`` over points split ``sp``.
-    Grid: (G, cluster tiles, point splits). ``ORDER [G, max_points]`` lists each group's
-    points sorted by label and ``TILE_START [G, tiles + 1]`` where each cluster tile's
-    members start in it, so a program reads only its tile's points (split ``sp`` of them).
+    Grid: (G, cluster tiles, point splits). Split ``sp`` covers one range of the group's
+    points: it writes the indices of its tile's members there, in point order, to its slice
+    of ``MEMBERS [G, tiles, max_points]`` (``SCAN`` labels at a time), then reads only
+    their rows.
 
     The last split of a tile writes the means to ``OUT[out_base[g] + k * D]`` (empty
     clusters: the centroid at ``OLD[old_base[g] + k * D]`` if ``KEEP_OLD``, else 0) and the
@@ -172,16 +179,23 @@ def _accumulate_kernel(
         cnt = tl.zeros([BLOCK_K], tl.float32)
         if WITH_Y:
             base_y = tl.load(Y_BASE + g)
-        tiles = tl.num_programs(1)
-        tile_lo = tl.load(TILE_START + g * (tiles + 1) + kt)
-        tile_hi = tl.load(TILE_START + g * (tiles + 1) + kt + 1)
-        per_split = tl.cdiv(tl.cdiv(tile_hi - tile_lo, num_splits), BLOCK_N) * BLOCK_N
-        start = tile_lo + sp * per_split
-        end = tl.minimum(start + per_split, tile_hi)
-        for n0 in range(start, end, BLOCK_N):
-            in_range = n0 + offs_n < end
-            ns = tl.load(ORDER + g * max_points + n0 + offs_n, mask=in_range, other=0)
-            mask_n = in_range & (ns < n_g)  # points past num_points never count
+        per_split = tl.cdiv(n_g, num_splits)
+        start = sp * per_split
+        end = tl.minimum(start + per_split, n_g)  # points past num_points never count
+        members = MEMBERS + (g * tl.num_programs(1) + kt) * max_points + start
+        offs_s = tl.arange(0, SCAN)
+        count = tl.full([], 0, tl.int32)
+        for s0 in range(start, end, SCAN):
+            ps = s0 + offs_s
+            lab = tl.load(LABELS + g * max_points + ps, mask=ps < end, other=-1)
+            mine = (lab >= k0) & (lab < k0 + BLOCK_K)
+            slot = count + tl.cumsum(mine.to(tl.int32), 0) - 1
+            tl.store(members + slot, ps.to(tl.int32), mask=mine)
+            count += tl.sum(mine.to(tl.int32), 0)
+        tl.debug_barrier()  # the member list is read back by other threads of this program
+        for n0 in range(0, count, BLOCK_N):
+            mask_n = n0 + offs_n < count
+            ns = tl.load(members + n0 + offs_n, mask=mask_n, other=0, cache_modifier=".cg")
             lab = tl.load(LABELS + g * max_points + ns, mask=mask_n, other=-1)
             onehot = lab[None, :] == ks[:, None]  # [BLOCK_K, BLOCK_N]
             mask_nd = mask_n[:, None] & mask_d[None, :]
@@ -497,17 +511,6 @@ def assign(points: Points, centroids: torch.Tensor, num_clusters: torch.Tensor, 
     return labels, sqd
 
 
-def _by_tile(labels: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's points sorted by label (stable; unlabeled points, -1, first) ``[G, n]``
-    and where the members of each tile of ``BLOCK_K`` clusters start ``[G, tiles + 1]``
-    (``bounds``: the tiles' first labels, ``[G, tiles + 1]``): the accumulation then reads
-    every point once instead of once per tile. Three launches (a 16-bit sort key when the
-    labels fit)."""
-    keys = labels.to(bounds.dtype)
-    keys, order = torch.sort(keys, dim=-1, stable=True)
-    return order, torch.searchsorted(keys, bounds)
-
-
 class _Accumulator:
     """Scratch of the accumulation for one k-means call (partials and semaphores)."""
 
@@ -525,10 +528,8 @@ class _Accumulator:
         self.group_semaphore = self.semaphore[g * self.tiles :]
         self.part = part
         self.max_clusters = max_clusters
-        top = self.tiles * BLOCK_K
-        key_dtype = torch.int16 if top <= torch.iinfo(torch.int16).max else torch.int32
-        bounds = torch.arange(0, top + 1, BLOCK_K, dtype=key_dtype, device=dev)
-        self.bounds = bounds.expand(g, -1).contiguous()  # first label of each tile
+        members = g * self.tiles * points.max_points  # each tile's member list, per split range
+        self.members = torch.empty(members, dtype=torch.int32, device=dev)
 
     def means(
         self,
@@ -543,7 +544,6 @@ class _Accumulator:
     ) -> None:
         d = points.dim
         y_points, y_out, y_base = y if y is not None else (points, out[0], out[1])
-        order, tile_start = _by_tile(labels, self.bounds)
         _accumulate_kernel[(points.groups, self.tiles, self.splits)](
             points.store,
             points.base,
@@ -563,8 +563,7 @@ class _Accumulator:
             y_base,
             reseed_sqd if reseed_sqd is not None else self.pcnt,
             self.group_semaphore,
-            order,
-            tile_start,
+            self.members,
             points.max_points,
             self.max_clusters,
             self.splits,
@@ -572,6 +571,7 @@ class _Accumulator:
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
             BLOCK_D=_pow2(d),
+            SCAN=SCAN,
             NATIVE=_native(points.store.dtype),
             KEEP_OLD=old is not None,
             WITH_Y=y is not None,
