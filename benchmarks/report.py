@@ -49,7 +49,16 @@ def kernel_table(report: dict) -> str:
             "Not run (GPU memory): " + ", ".join(f"{c // 1024}K x {b}" for c, b in skipped),
         ]
     update = meta.get("online_update")
-    if update:
+    if update and "graphed" in update:
+        graphed, eager = update["graphed"], update["eager"]
+        lines += [
+            "",
+            f"Online update (8K open block + 128 tokens, 8 heads), per layer: "
+            f"{graphed['update_ms']:.2f} ms replayed as a CUDA graph "
+            f"({eager['update_ms']:.2f} ms eager), {graphed['update_plus_one_step_ms']:.2f} ms "
+            f"with the next decode step.",
+        ]
+    elif update:  # reports before 2026-12-06's graphed updates: a fresh state's first update
         lines += [
             "",
             f"Online update (8K open block + 128 tokens, 8 heads) plus one decode step: "

@@ -266,6 +266,39 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("attention_keys", [False, True], ids=["plain", "attention-keys"])
+def test_graphed_online_updates_equal_eager_updates(gen, attention_keys):
+    """Online updates replayed from CUDA graphs write the same index, bit for bit, as eager
+    ones, through blocks frozen and opened and a cache growth (stores reallocated: captured
+    again); "plain": the two sequences update at different steps; "attention-keys": together,
+    and the far field's own attention-key centroids are fitted too."""
+    cfg = dataclasses.replace(GPU_CFG, position_free_keys=attention_keys)
+    if attention_keys:
+        cfg = dataclasses.replace(cfg, far_field_keys="attention")
+    h, d, dtype = 2, 64, torch.bfloat16
+    lengths = [180, 164] if attention_keys else [180, 171]
+    state, twin = _prefill_pair(gen, cfg, lengths, 200, h, d, dtype, "cuda", cluster=True)
+    twin.index._update_graphs.enabled = False
+    updates = 0
+    for _ in range(6 * cfg.interval):
+        k, v, ck, _, _ = _cuda_inputs(gen, 2, h, 4, d, dtype, cluster=True)
+        before = list(state.clustered_len)
+        for s in (state, twin):
+            s.append(k, v, cluster_keys=ck)
+        updates += state.clustered_len != before
+        level, other = state.index.level0, twin.index.level0
+        assert torch.equal(state.index.labels, twin.index.labels)
+        for name in ("key_centroids", "value_centroids", "sizes", "attention_key_centroids"):
+            a, b = getattr(level, name), getattr(other, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+    graphs = state.index._update_graphs
+    assert state._keys.shape[2] > 200 and updates >= 6
+    assert graphs.enabled and graphs.captures >= 2  # the first update, then the growth
+    assert graphs.captures + graphs.replays == updates and graphs.replays >= updates // 2
+    assert twin.index._update_graphs.captures == 0
+
+
+@pytest.mark.gpu
 def test_replays_do_not_sync_and_return_the_static_output(gen):
     cfg, h, group, d, dtype = GPU_CFG, 2, 4, 64, torch.bfloat16
     state, twin = _prefill_pair(gen, cfg, [200, 190], 300, h, d, dtype, "cuda")

@@ -16,6 +16,8 @@ work of a call runs over all blocks, heads and clusters at once.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +147,7 @@ class ClusterIndex:
         )
         # scratch buffers of the fused decode step, kept across the layouts of this index
         self.fused_scratch: dict[str, torch.Tensor] = {}
+        self._update_graphs = _UpdateGraphs()
 
     def select_sequences(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         """Row ``i`` becomes a copy of row ``rows[i]`` (in place; see
@@ -228,7 +231,7 @@ class ClusterIndex:
             if self.level1 is not None:
                 self.level1.count[b] = start1 + k1
             self._close_full_open_block(b, clustered_len[b] + cfg.interval)
-        self._fit(rows, cluster_keys, values, attention_keys, cfg.update_iters)
+        self._fit(rows, cluster_keys, values, attention_keys, cfg.update_iters, update=True)
 
     def _close_full_open_block(self, b: int, length: int) -> None:
         """Freeze the open block once it holds ``block_size`` tokens."""
@@ -245,6 +248,7 @@ class ClusterIndex:
         values: torch.Tensor,
         attention_keys: torch.Tensor | None,
         iters: int,
+        update: bool = False,
     ) -> None:
         if not rows:
             return
@@ -253,7 +257,9 @@ class ClusterIndex:
         blocks = _Blocks.from_rows(rows, None if kernels and self.level1 is None else device)
         self.level0.reserve(max(self.level0.count))
         if kernels:
-            self._fit_level0_kernels(rows, blocks, cluster_keys, values, attention_keys, iters)
+            self._fit_level0_kernels(
+                rows, blocks, cluster_keys, values, attention_keys, iters, update
+            )
         else:
             self._fit_level0(blocks, cluster_keys, values, attention_keys, iters)
         if self.level1 is not None:
@@ -279,10 +285,16 @@ class ClusterIndex:
         values: torch.Tensor,
         attention_keys: torch.Tensor | None,
         iters: int,
+        update: bool,
     ) -> None:
         """``_fit_level0`` on the k-means kernels: points read in place from the cache, results
         written straight into the index, per-group metadata built on the host and copied in
-        one transfer (no host synchronisation; about ten launches for an online update)."""
+        one transfer (no host synchronisation).
+
+        An online ``update`` sizes its work by capacities (the open block's most tokens and
+        clusters, ``interval`` new tokens) rather than by this update's sizes, so that every
+        update of the same sequences is the same work on other metadata: on CUDA it is one
+        CUDA graph (:class:`_UpdateGraphs`), replayed after the metadata's copy."""
         from .ops.kmeans import kernel as km
 
         cfg, h, level = self.config, self.num_kv_heads, self.level0
@@ -325,39 +337,61 @@ class ClusterIndex:
                     )
                 )
         meta = torch.tensor(table, dtype=torch.int64).t().contiguous()
-        if meta.device != cluster_keys.device:
-            meta = meta.pin_memory().to(cluster_keys.device, non_blocking=True)
-        n_max, k_max = blocks.max_tokens, blocks.max_clusters
-        num_points, num_clusters = meta[7].to(torch.int32), meta[8].to(torch.int32)
-        keys = km.Points(cluster_keys, meta[0], num_points, n_max)
+        if update:
+            n_max = min(cfg.block_size, self.labels.shape[2])
+            k_max, width = cfg.clusters_for(n_max), cfg.interval
+            new_clusters = min(width, k_max)
+            assert blocks.max_tokens <= n_max and blocks.max_clusters <= k_max
+            assert blocks.max_new_tokens <= width and blocks.max_new_clusters <= new_clusters
+        else:
+            n_max, k_max = blocks.max_tokens, blocks.max_clusters
+            width = max(1, blocks.max_new_tokens)
+            new_clusters = max(1, min(blocks.max_new_clusters, width))
 
-        # Seeds of the clusters new in this fit: the new tokens of highest priority.
-        width = max(1, blocks.max_new_tokens)
-        prio = km.priority(cfg.seed, meta[13], meta[11], meta[12], width)
-        seeds = prio.topk(max(1, min(blocks.max_new_clusters, width)), dim=-1).indices
-        init = km.init_centroids(
-            keys, meta[10], seeds, (level.key_centroids, meta[3]), meta[9], num_clusters, k_max
-        )
-        labels, _, _ = km.lloyd(
-            keys,
-            init,
-            num_clusters,
-            iters,
-            final=dict(
-                labels=(self.labels, meta[2], meta[6]),
-                centroids=(level.key_centroids, meta[3]),
-                sizes=(level.sizes, meta[5]),
-            ),
-            values=(km.Points(values, meta[1], num_points, n_max), level.value_centroids, meta[4]),
-        )
-        if len(stores) > 5:
-            km.member_means(
-                km.Points(attention_keys, meta[14], num_points, n_max),
-                labels,
-                num_clusters,
-                k_max,
-                out=(level.attention_key_centroids, meta[15]),
+        separate = len(stores) > 5  # attention-key centroids of their own
+
+        def fit(meta: torch.Tensor) -> None:
+            num_points, num_clusters = meta[7].to(torch.int32), meta[8].to(torch.int32)
+            keys = km.Points(cluster_keys, meta[0], num_points, n_max)
+            # Seeds of the clusters new in this fit: the new tokens of highest priority.
+            prio = km.priority(cfg.seed, meta[13], meta[11], meta[12], width)
+            seeds = prio.topk(new_clusters, dim=-1).indices
+            init = km.init_centroids(
+                keys, meta[10], seeds, (level.key_centroids, meta[3]), meta[9], num_clusters, k_max
             )
+            values_at = km.Points(values, meta[1], num_points, n_max)
+            labels, _, _ = km.lloyd(
+                keys,
+                init,
+                num_clusters,
+                iters,
+                final=dict(
+                    labels=(self.labels, meta[2], meta[6]),
+                    centroids=(level.key_centroids, meta[3]),
+                    sizes=(level.sizes, meta[5]),
+                ),
+                values=(values_at, level.value_centroids, meta[4]),
+            )
+            if separate:
+                km.member_means(
+                    km.Points(attention_keys, meta[14], num_points, n_max),
+                    labels,
+                    num_clusters,
+                    k_max,
+                    out=(level.attention_key_centroids, meta[15]),
+                )
+
+        device = cluster_keys.device
+        if device.type != "cuda":
+            fit(meta)
+            return
+        meta = meta.pin_memory()  # copied without a host wait
+        if not update or torch.cuda.is_current_stream_capturing():
+            fit(meta.to(device, non_blocking=True))
+            return
+        shape = (meta.shape, n_max, k_max, width, new_clusters, iters, cluster_keys.dtype)
+        key = (*shape, *(t.data_ptr() for t in (*stores, level.sizes)))
+        self._update_graphs.run(key, meta, fit, device)
 
     def _fit_level0(
         self,
@@ -504,6 +538,72 @@ class ClusterIndex:
 
 
 GROW_MIN = 1024  # slots added at least per growth
+
+
+class _UpdateGraphs:
+    """Online updates of one index as CUDA graphs, one per metadata shape (the number of
+    sequences updated together): an update is a few dozen launches, which the host takes
+    longer to issue than the GPU to run. A graph bakes in the addresses of the stores it reads
+    and writes (part of its key): when one of them is reallocated the update is captured
+    again. If a capture fails, updates run eagerly from then on (with a warning)."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.enabled = True
+        self.captures = self.replays = 0
+
+    def run(
+        self, key: tuple, meta: torch.Tensor, fit: Callable[[torch.Tensor], None], device
+    ) -> None:
+        """``fit(meta on device)``: replayed if captured under ``key``, else run eagerly and
+        captured for the next update (``meta``: pinned host metadata)."""
+        shape = key[0]
+        entry = self._graphs.get(shape)
+        if entry is not None and entry[0] == key:
+            _, graph, static = entry
+            static.copy_(meta, non_blocking=True)
+            graph.replay()
+            self.replays += 1
+            return
+        static = meta.to(device, non_blocking=True)
+        fit(static)  # this update (and the kernels compiled outside a capture)
+        if not self.enabled:
+            return
+        self._graphs.pop(shape, None)  # a graph on reallocated stores is never replayed
+        from .graphs import capture
+
+        try:
+            graph, _ = capture(lambda: fit(static), device, _update_pool(device))
+        except Exception as error:  # noqa: BLE001 (any capture failure: stay eager)
+            self.enabled = False
+            self._graphs.clear()
+            warnings.warn(
+                f"online update: CUDA graph capture failed, updating eagerly "
+                f"({type(error).__name__}: {error})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self._graphs[shape] = (key, graph, static)
+        self.captures += 1
+
+
+_UPDATE_POOLS: dict[torch.device, tuple[tuple, torch.cuda.CUDAGraph]] = {}
+
+
+def _update_pool(device: torch.device) -> tuple:
+    """One memory pool for the update graphs of every index on ``device``: replays never
+    overlap and no tensor made inside one outlives it, so their scratch can be shared. A
+    one-op graph kept for good holds the pool open: a pool whose graphs were all freed cannot
+    take a new capture."""
+    device = torch.device(device)
+    if device not in _UPDATE_POOLS:
+        from .graphs import capture
+
+        pool = torch.cuda.graph_pool_handle()
+        anchor, _ = capture(lambda: torch.zeros(1, device=device), device, pool)
+        _UPDATE_POOLS[device] = (pool, anchor)
+    return _UPDATE_POOLS[device][0]
 
 
 def take_rows_(t: torch.Tensor | None, rows: torch.Tensor, done: set[int]) -> None:

@@ -31,8 +31,10 @@ import datetime
 import functools
 import gc
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,30 +191,55 @@ def bench_step(
     return rows
 
 
-def bench_update(args) -> dict:
-    """One online update per layer (k-means kernels): an open block of 8064 tokens receives
-    128 more; the time covers the update and one decode step (median of 3 after a warm-up).
-    The cache is full after prefill, so the append also pays the cache's growth, which a
-    state pays once per 1/8 growth (``benchmarks/profile_step.py --update`` times without)."""
-    times = []
-    n = 16 + 8064 + 255
-    for seed in range(4):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        k = torch.randn(
-            1, H_KV, n + 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen
-        )
+def bench_update(args=None) -> dict:
+    """Online update per layer (k-means kernels) as a decode loop meets it: an open block of
+    7680 tokens (8 heads, batch 1) receives 4 updates of 128 tokens, the last one filling it
+    to 8192, then a fifth opens the next block. A state's first update runs eagerly and is
+    captured as a CUDA graph (``first_update_ms``, kernels already compiled); the others
+    replay it: medians of the update (``update_ms``; ``host_ms`` to issue it) and of the update
+    plus the next decode step (``update_plus_one_step_ms``, which also rebuilds the kernels'
+    layout). ``eager``: the same updates with the graphs off."""
+    return dict(graphed=_update_times(graphed=True), eager=_update_times(graphed=False))
+
+
+def _update_times(graphed: bool, updates: int = 5) -> dict[str, float]:
+    n = 16 + 7680 + 255  # sink, clustered region, recent window one token short of an update
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, H_KV, n + updates * 128, HEAD_DIM)
+    k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    rows = []
+    for _ in range(2):  # the first state compiles every kernel
         state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], MultipoleConfig(backend="triton"))
-        state.attend(torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16))
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        state.append(k[:, :, n:], k[:, :, n:])
-        state.attend(torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16))
-        end.record()
-        torch.cuda.synchronize()
-        assert state.clustered_len[0] == 8192
-        times.append(start.elapsed_time(end))
-    return dict(update_plus_one_step_ms=sorted(times[1:])[len(times[1:]) // 2], runs_ms=times)
+        state._reserve_tokens(k.shape[2])  # no cache growth inside the timed updates
+        state.index._update_graphs.enabled = graphed
+        state.attend(q)
+        pos, rows = n, []
+        for _ in range(updates):
+            while state.appends_before_update() > 0:
+                state.append(k[:, :, pos : pos + 1], k[:, :, pos : pos + 1])
+                pos += 1
+            state.attend(q)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            state.append(k[:, :, pos : pos + 1], k[:, :, pos : pos + 1])
+            issued = time.perf_counter()
+            torch.cuda.synchronize()
+            updated = time.perf_counter()
+            state.attend(q)
+            torch.cuda.synchronize()
+            done = time.perf_counter()
+            pos += 1
+            rows.append([(t - start) * 1e3 for t in (issued, updated, done)])
+        assert state.clustered_len[0] == 7680 + updates * 128
+    rest = rows[1:]
+    return dict(
+        first_update_ms=rows[0][1],
+        update_ms=statistics.median(r[1] for r in rest),
+        host_ms=statistics.median(r[0] for r in rest),
+        update_plus_one_step_ms=statistics.median(r[2] for r in rest),
+        replays=state.index._update_graphs.replays,
+    )
 
 
 def apply_tuning(path: str) -> None:
