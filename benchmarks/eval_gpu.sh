@@ -38,7 +38,7 @@ for count in /tmp/m/*.parts; do
     cat /tmp/m/"$model".part-* > "$gguf"
   fi
 done
-cp -n /tmp/m/PaulGrahamEssays.json "$MULTIPOLE_CACHE/data/"
+[[ -f "$MULTIPOLE_CACHE/data/PaulGrahamEssays.json" ]] || cp /tmp/m/PaulGrahamEssays.json "$MULTIPOLE_CACHE/data/"
 [[ -d /tmp/site/gguf ]] || pip install -q --no-index --no-deps --target /tmp/site /tmp/m/gguf-*.whl
 mkdir -p /tmp/evalout
 eval_run() {  # name, seconds, then options of multipole eval; each run writes its own folder

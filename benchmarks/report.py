@@ -53,7 +53,7 @@ def kernel_table(report: dict) -> str:
         graphed, eager = update["graphed"], update["eager"]
         lines += [
             "",
-            f"Online update (8K open block + 128 tokens, 8 heads), per layer: "
+            f"Online update (128 tokens into an open block of 7.5-8K, 8 heads), per layer: "
             f"{graphed['update_ms']:.2f} ms replayed as a CUDA graph "
             f"({eager['update_ms']:.2f} ms eager), {graphed['update_plus_one_step_ms']:.2f} ms "
             f"with the next decode step.",

@@ -17,6 +17,7 @@ work of a call runs over all blocks, heads and clusters at once.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -386,12 +387,13 @@ class ClusterIndex:
             fit(meta)
             return
         meta = meta.pin_memory()  # copied without a host wait
-        if not update or torch.cuda.is_current_stream_capturing():
-            fit(meta.to(device, non_blocking=True))
-            return
-        shape = (meta.shape, n_max, k_max, width, new_clusters, iters, cluster_keys.dtype)
-        key = (*shape, *(t.data_ptr() for t in (*stores, level.sizes)))
-        self._update_graphs.run(key, meta, fit, device)
+        with torch.cuda.device(device):  # every launch on the stores' device
+            if not update or torch.cuda.is_current_stream_capturing():
+                fit(meta.to(device, non_blocking=True))
+                return
+            sizing = (n_max, k_max, width, new_clusters, iters, cluster_keys.dtype, cfg)
+            addresses = tuple(t.data_ptr() for t in (*stores, level.sizes))
+            self._update_graphs.run(meta.shape, (sizing, addresses), meta, fit, device)
 
     def _fit_level0(
         self,
@@ -543,21 +545,30 @@ GROW_MIN = 1024  # slots added at least per growth
 class _UpdateGraphs:
     """Online updates of one index as CUDA graphs, one per metadata shape (the number of
     sequences updated together): an update is a few dozen launches, which the host takes
-    longer to issue than the GPU to run. A graph bakes in the addresses of the stores it reads
-    and writes (part of its key): when one of them is reallocated the update is captured
-    again. If a capture fails, updates run eagerly from then on (with a warning)."""
+    longer to issue than the GPU to run. A graph bakes in its sizes, the config and the
+    addresses of the stores it reads and writes (its key): when one of them changes (a store
+    reallocated) the update is captured again. Replays run on the stream current at the call;
+    the graphs of every index on one device and stream share their scratch, so updates must
+    not run concurrently on one stream's pool from two threads. If a capture fails, updates
+    run eagerly from then on (with a warning)."""
 
     def __init__(self) -> None:
-        self._graphs: dict[tuple, tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[torch.Size, tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: _Pool | None = None  # the shared pool, held while this index has graphs
         self.enabled = True
         self.captures = self.replays = 0
 
     def run(
-        self, key: tuple, meta: torch.Tensor, fit: Callable[[torch.Tensor], None], device
+        self,
+        shape: torch.Size,
+        key: tuple,
+        meta: torch.Tensor,
+        fit: Callable[[torch.Tensor], None],
+        device: torch.device,
     ) -> None:
-        """``fit(meta on device)``: replayed if captured under ``key``, else run eagerly and
-        captured for the next update (``meta``: pinned host metadata)."""
-        shape = key[0]
+        """``fit(meta on device)``: replayed if captured for this metadata ``shape`` under
+        ``key``, else run eagerly and captured for the next update (``meta``: pinned host
+        metadata)."""
         entry = self._graphs.get(shape)
         if entry is not None and entry[0] == key:
             _, graph, static = entry
@@ -573,10 +584,12 @@ class _UpdateGraphs:
         from .graphs import capture
 
         try:
-            graph, _ = capture(lambda: fit(static), device, _update_pool(device))
+            self._pool = _Pool.of(device)
+            graph, _ = capture(lambda: fit(static), device, self._pool.handle)
         except Exception as error:  # noqa: BLE001 (any capture failure: stay eager)
             self.enabled = False
             self._graphs.clear()
+            self._pool = None
             warnings.warn(
                 f"online update: CUDA graph capture failed, updating eagerly "
                 f"({type(error).__name__}: {error})",
@@ -588,22 +601,28 @@ class _UpdateGraphs:
         self.captures += 1
 
 
-_UPDATE_POOLS: dict[torch.device, tuple[tuple, torch.cuda.CUDAGraph]] = {}
+class _Pool:
+    """One memory pool for the update graphs of every index on a device and stream: their
+    replays never overlap and no tensor made inside one outlives it, so their scratch can be
+    shared. A one-op graph holds the pool open while any index uses it (a pool whose graphs
+    were all freed cannot take a new capture); it goes, and the pool with it, when the last
+    index holding it does."""
 
+    _live: weakref.WeakValueDictionary[tuple, _Pool] = weakref.WeakValueDictionary()
 
-def _update_pool(device: torch.device) -> tuple:
-    """One memory pool for the update graphs of every index on ``device``: replays never
-    overlap and no tensor made inside one outlives it, so their scratch can be shared. A
-    one-op graph kept for good holds the pool open: a pool whose graphs were all freed cannot
-    take a new capture."""
-    device = torch.device(device)
-    if device not in _UPDATE_POOLS:
+    def __init__(self, device: torch.device) -> None:
         from .graphs import capture
 
-        pool = torch.cuda.graph_pool_handle()
-        anchor, _ = capture(lambda: torch.zeros(1, device=device), device, pool)
-        _UPDATE_POOLS[device] = (pool, anchor)
-    return _UPDATE_POOLS[device][0]
+        self.handle = torch.cuda.graph_pool_handle()
+        self._anchor, _ = capture(lambda: torch.zeros(1, device=device), device, self.handle)
+
+    @classmethod
+    def of(cls, device: torch.device) -> _Pool:
+        where = (torch.device(device), torch.cuda.current_stream(device).stream_id)
+        pool = cls._live.get(where)
+        if pool is None:
+            pool = cls._live[where] = cls(device)
+        return pool
 
 
 def take_rows_(t: torch.Tensor | None, rows: torch.Tensor, done: set[int]) -> None:

@@ -188,15 +188,16 @@ def test_kernel_reseeds_empty_clusters_and_means_of_values(gen, kernel_device):
 def test_kernel_member_means_over_several_cluster_tiles(gen, kernel_device, monkeypatch, scan):
     """Means and sizes with clusters over three tiles of the accumulation, uneven tiles (one
     empty for a group: its clusters get 0), padding points (labelled, still ignored) and
-    several point splits; ``scan``: members listed over several steps of that many labels."""
+    several point splits, groups of one point and of none; ``scan``: members listed over
+    several steps of that many labels."""
     from multipole.ops.kmeans import kernel as km
 
     if scan is not None:
         monkeypatch.setattr(km, "SCAN", scan)
 
-    device, g, n, d, k = kernel_device, 2, 700, 16, 2 * km.BLOCK_K + km.BLOCK_K // 3
+    device, g, n, d, k = kernel_device, 4, 700, 16, 2 * km.BLOCK_K + km.BLOCK_K // 3
     x = torch.randn(g, n, d, generator=gen)
-    npts = torch.tensor([700, 611])
+    npts = torch.tensor([700, 611, 1, 0])  # and groups of one point and of none
     skewed = torch.randint(km.BLOCK_K, (g, n), generator=gen)  # tile 0 holds most points
     labels = torch.where(
         torch.rand(g, n, generator=gen) < 0.7, skewed, torch.randint(k, (g, n), generator=gen)

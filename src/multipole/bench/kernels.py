@@ -193,8 +193,8 @@ def bench_step(
 
 def bench_update(args=None) -> dict:
     """Online update per layer (k-means kernels) as a decode loop meets it: an open block of
-    7680 tokens (8 heads, batch 1) receives 4 updates of 128 tokens, the last one filling it
-    to 8192, then a fifth opens the next block. A state's first update runs eagerly and is
+    7552 tokens (8 heads, batch 1) receives 5 updates of 128 tokens, the last one filling it
+    to 8192 (512 clusters). A state's first update runs eagerly and is
     captured as a CUDA graph (``first_update_ms``, kernels already compiled); the others
     replay it: medians of the update (``update_ms``; ``host_ms`` to issue it) and of the update
     plus the next decode step (``update_plus_one_step_ms``, which also rebuilds the kernels'
@@ -203,7 +203,7 @@ def bench_update(args=None) -> dict:
 
 
 def _update_times(graphed: bool, updates: int = 5) -> dict[str, float]:
-    n = 16 + 7680 + 255  # sink, clustered region, recent window one token short of an update
+    n = 16 + 7552 + 255  # sink, clustered region, recent window one token short of an update
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, H_KV, n + updates * 128, HEAD_DIM)
     k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -231,7 +231,7 @@ def _update_times(graphed: bool, updates: int = 5) -> dict[str, float]:
             done = time.perf_counter()
             pos += 1
             rows.append([(t - start) * 1e3 for t in (issued, updated, done)])
-        assert state.clustered_len[0] == 7680 + updates * 128
+        assert state.clustered_len[0] == 7552 + updates * 128
     rest = rows[1:]
     return dict(
         first_update_ms=rows[0][1],

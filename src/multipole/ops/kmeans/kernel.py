@@ -33,10 +33,11 @@ from ..kernel_utils import interpreting
 
 BLOCK_N = 64  # points per tile of the accumulation
 SCAN = 1024  # labels per step of the accumulation's member listing
-# H100, an online update's 8 heads x (8192 + 128) points x 520 clusters, bf16
-# (NOTES_kernels.md Round 9): accumulation 57 us at 32 clusters per tile, 68 at 64, 88 at 128
-# (prefill at 128K: 20.2 / 20.5 / 22.9 ms per layer); assignment 84 us at 256 x 64, 89-107
-# at the other tiles that fit (101 at the old 128 x 32)
+# H100, 8 heads x 8320 bf16 points x 520 clusters (a little above an online update's largest,
+# 8192 points and 512 clusters; NOTES_kernels.md Round 9): accumulation 57 us at 32 clusters
+# per tile, 68 at 64, 88 at 128; prefill at 128K 19.7-20.5 ms per layer at 32 or 64 (within
+# the runs' spread), 22.9 at 128; assignment 84 us at 256 points x 64 clusters (8 warps),
+# 89-107 at the other 8-warp tiles that fit (101 at the old 128 x 32), 129-195 at 4 warps
 BLOCK_K = 32  # clusters per tile of the accumulation
 ASSIGN_BLOCK_N = 256  # points per program of the assignment
 ASSIGN_BLOCK_K = 64  # clusters per tile of the assignment
@@ -151,9 +152,9 @@ def _accumulate_kernel(
 ):
     """Member means of clusters ``kt * BLOCK_K ..`` of group ``g`` over points split ``sp``.
     Grid: (G, cluster tiles, point splits). Split ``sp`` covers one range of the group's
-    points: it writes the indices of its tile's members there, in point order, to its slice
-    of ``MEMBERS [G, tiles, max_points]`` (``SCAN`` labels at a time), then reads only
-    their rows.
+    points, ``SCAN`` labels at a time: it lists the indices of its tile's members among them,
+    in point order, in its own ``SCAN`` slots of ``MEMBERS [G, tiles, splits, SCAN]``, then
+    reads only their rows.
 
     The last split of a tile writes the means to ``OUT[out_base[g] + k * D]`` (empty
     clusters: the centroid at ``OLD[old_base[g] + k * D]`` if ``KEEP_OLD``, else 0) and the
@@ -182,39 +183,42 @@ def _accumulate_kernel(
         per_split = tl.cdiv(n_g, num_splits)
         start = sp * per_split
         end = tl.minimum(start + per_split, n_g)  # points past num_points never count
-        members = MEMBERS + (g * tl.num_programs(1) + kt) * max_points + start
+        members = MEMBERS + ((g * tl.num_programs(1) + kt) * num_splits + sp) * SCAN
         offs_s = tl.arange(0, SCAN)
-        count = tl.full([], 0, tl.int32)
         for s0 in range(start, end, SCAN):
             ps = s0 + offs_s
             lab = tl.load(LABELS + g * max_points + ps, mask=ps < end, other=-1)
             mine = (lab >= k0) & (lab < k0 + BLOCK_K)
-            slot = count + tl.cumsum(mine.to(tl.int32), 0) - 1
-            tl.store(members + slot, ps.to(tl.int32), mask=mine)
-            count += tl.sum(mine.to(tl.int32), 0)
-        tl.debug_barrier()  # the member list is read back by other threads of this program
-        for n0 in range(0, count, BLOCK_N):
-            mask_n = n0 + offs_n < count
-            ns = tl.load(members + n0 + offs_n, mask=mask_n, other=0, cache_modifier=".cg")
-            lab = tl.load(LABELS + g * max_points + ns, mask=mask_n, other=-1)
-            onehot = lab[None, :] == ks[:, None]  # [BLOCK_K, BLOCK_N]
-            mask_nd = mask_n[:, None] & mask_d[None, :]
-            x = tl.load(
-                X + base + ns[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_nd, other=0.0
-            )
-            if NATIVE:
-                acc += tl.dot(onehot.to(x.dtype), x)
-            else:
-                acc += tl.dot(onehot.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-            if WITH_Y:
-                y = tl.load(
-                    Y + base_y + ns[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_nd, other=0.0
+            tl.store(members + tl.cumsum(mine.to(tl.int32), 0) - 1, ps.to(tl.int32), mask=mine)
+            count = tl.sum(mine.to(tl.int32), 0)
+            tl.debug_barrier()  # the list is read back by other threads of this program
+            for n0 in range(0, count, BLOCK_N):
+                mask_n = n0 + offs_n < count
+                ns = tl.load(members + n0 + offs_n, mask=mask_n, other=0, cache_modifier=".cg")
+                lab_n = tl.load(LABELS + g * max_points + ns, mask=mask_n, other=-1)
+                onehot = lab_n[None, :] == ks[:, None]  # [BLOCK_K, BLOCK_N]
+                mask_nd = mask_n[:, None] & mask_d[None, :]
+                x = tl.load(
+                    X + base + ns[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_nd, other=0.0
                 )
                 if NATIVE:
-                    acc_y += tl.dot(onehot.to(y.dtype), y)
+                    acc += tl.dot(onehot.to(x.dtype), x)
                 else:
-                    acc_y += tl.dot(onehot.to(tl.float32), y.to(tl.float32), input_precision="ieee")
-            cnt += tl.sum(onehot.to(tl.float32), axis=1)
+                    acc += tl.dot(onehot.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+                if WITH_Y:
+                    y = tl.load(
+                        Y + base_y + ns[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=mask_nd,
+                        other=0.0,
+                    )
+                    if NATIVE:
+                        acc_y += tl.dot(onehot.to(y.dtype), y)
+                    else:
+                        acc_y += tl.dot(
+                            onehot.to(tl.float32), y.to(tl.float32), input_precision="ieee"
+                        )
+                cnt += tl.sum(onehot.to(tl.float32), axis=1)
+            tl.debug_barrier()  # the next scan step writes the list again
         rows = (g * num_splits + sp) * max_clusters + ks
         in_k = ks < max_clusters
         mask_kd = in_k[:, None] & mask_d[None, :]
@@ -512,7 +516,8 @@ def assign(points: Points, centroids: torch.Tensor, num_clusters: torch.Tensor, 
 
 
 class _Accumulator:
-    """Scratch of the accumulation for one k-means call (partials and semaphores)."""
+    """Scratch of the accumulation for one k-means call: partial sums of the point splits,
+    semaphores, and each program's member list (``SCAN`` slots, refilled per scan step)."""
 
     def __init__(self, points: Points, max_clusters: int, with_y: bool = False):
         g, dev = points.groups, points.store.device
@@ -528,7 +533,7 @@ class _Accumulator:
         self.group_semaphore = self.semaphore[g * self.tiles :]
         self.part = part
         self.max_clusters = max_clusters
-        members = g * self.tiles * points.max_points  # each tile's member list, per split range
+        members = g * self.tiles * self.splits * SCAN  # each program's list of its members
         self.members = torch.empty(members, dtype=torch.int32, device=dev)
 
     def means(
