@@ -8,10 +8,11 @@ cache (``X + base[g] + i * D``, no gathered copy):
   to the lower index) and its squared distance, one program per tile of points;
 - ``_accumulate_kernel``: per-cluster sums and counts as a one-hot matrix product (exact 0/1
   weights, fp32 accumulation), split over programs by cluster tiles and point ranges; each
-  program first lists its tile's members in its range (a prefix sum over the labels, in point
-  order, so the sums are deterministic) and reads only their rows; the last point-split of a
-  cluster tile divides and writes the means (empty clusters keep a given centroid or get 0)
-  and the sizes, to any ``[base[g] + k * D]`` destination (the index's own storage too);
+  program scans its range ``SCAN`` labels at a time, lists its tile's members among them (a
+  prefix sum, in point order, so the sums are deterministic) and reads only their rows; the
+  last point-split of a cluster tile divides and writes the means (empty clusters keep a given
+  centroid or get 0) and the sizes, to any ``[base[g] + k * D]`` destination (the index's own
+  storage too);
 - re-seeding (in the accumulation's last program of a group): every empty active cluster moves
   onto the farthest point not yet used (in cluster order, farthest first: the reference's
   top-k rule), with no host round trip;
