@@ -154,7 +154,7 @@ class _EmulatedGraph:
         """What a real capture bakes in: a replay must find the same."""
         s = self.step.state
         objects = (s._keys, s._values, s._cluster_keys, s._seq_lens_device, s._fused)
-        return [id(t) for t in (*objects, *self.step._static)], (s.config, list(s.clustered_len))
+        return [id(t) for t in (*objects, *self.step._static)], s.config
 
     def capture_end(self):
         for t, saved in self.saved:
@@ -163,6 +163,8 @@ class _EmulatedGraph:
     def replay(self):
         assert self._baked() == self.baked, "replayed a stale graph"
         step, s = self.step, self.step.state
+        # a graph holds no online update: those due ran before the replay
+        assert s.appends_before_update() > 0, "replayed into an online update"
         k, v, q, lq, ck = step._static
         host = s.seq_lens, s._reads
         s.append(k, v, cluster_keys=ck)
@@ -175,8 +177,9 @@ class _EmulatedGraph:
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "lookup+cluster+scale"])
 def test_emulated_replays_keep_the_state_right(gen, monkeypatch, extras):
     """GraphedStep with an emulated graph on the CPU: outputs, lengths (host and device) and
-    stats equal an eager twin's over steps with online updates, a cache growth, a 3-token
-    append made on the state directly and a config change; most steps replay."""
+    stats equal an eager twin's over steps with online updates (run before a replay), a cache
+    growth, a 3-token append made on the state directly and a config change; every step
+    replays but those around the growth and the config change."""
     h, group, d, dtype = 2, 2, 16, torch.float32
     state, twin = _prefill_pair(gen, SMALL, [70, 62], 80, h, d, dtype, "cpu", cluster=extras)
     scale = 0.3 if extras else None
@@ -188,7 +191,7 @@ def test_emulated_replays_keep_the_state_right(gen, monkeypatch, extras):
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    steps, outs = 4 * SMALL.interval, []
+    steps, outs, before = 4 * SMALL.interval, [], list(state.clustered_len)
     for i in range(steps):
         if i == 13:  # appended outside the step object
             k, v, ck, _, _ = _step_inputs(gen, 2, h, 3, d, dtype, cluster=extras)
@@ -205,8 +208,15 @@ def test_emulated_replays_keep_the_state_right(gen, monkeypatch, extras):
         assert state._seq_lens_device.tolist() == state.seq_lens
     assert state._keys.shape[2] > 80  # grew
     assert step.replays + step.captures + step.eager_steps == steps
-    assert step.replays > steps // 2, (step.replays, step.captures, step.eager_steps)
-    assert step.captures >= 4  # re-captured after updates, the growth and the config change
+    assert all(
+        a >= b0 + 3 * SMALL.interval for a, b0 in zip(state.clustered_len, before, strict=True)
+    )
+    # captured after the first step, the growths and the config change; never for an update
+    assert step.captures <= 4 and step.eager_steps <= step.captures + 1, (
+        step.replays,
+        step.captures,
+        step.eager_steps,
+    )
     replayed = {o.data_ptr() for o in outs if o is step._out}
     assert len(replayed) == 1  # replays return the static output
 
@@ -224,10 +234,10 @@ GPU_CFG = MultipoleConfig(
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["aligned", "ragged+extras"])
 def test_graphed_steps_match_an_eager_twin(gen, variant):
-    """3 intervals of steps: online updates, a cache growth (capacity 200, longest 180: the
-    21st append grows it); "aligned": both sequences update at the same steps; the other:
-    updates at different steps, lookup queries, clustering keys, a scale, a 3-token append
-    made on the state directly, and a config change."""
+    """3 intervals of steps: online updates (run before a replay: no capture), a cache growth
+    (capacity 200, longest 180: the 21st append grows it); "aligned": both sequences update at
+    the same steps; the other: updates at different steps, lookup queries, clustering keys, a
+    scale, a 3-token append made on the state directly, and a config change."""
     cfg, h, group, d, dtype = GPU_CFG, 2, 4, 64, torch.bfloat16
     extras = variant != "aligned"
     lengths = [180, 171] if extras else [180, 164]
@@ -253,7 +263,7 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
         twin.append(k, v, cluster_keys=ck)
         ref = twin.attend(q, lookup_q=lq, scale=scale)
         _check_same(state, twin, out, ref)
-        if twin._fused is not marks[0] or twin._keys is not marks[1]:  # update or growth
+        if twin._fused is not marks[0] or twin._keys is not marks[1]:  # new layout or growth
             events += 1  # an eager step, then a capture
             marks = (twin._fused, twin._keys)
     assert step.failure is None, step.failure
@@ -262,7 +272,8 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
     assert step.replays + step.captures + step.eager_steps == steps
     # each event costs an eager step and a capture at most; so does the first step
     assert step.replays >= steps - 2 * (events + 1), (step.replays, events)
-    assert step.replays > steps // 2
+    # captured at the first step, after the growth and after the config change; not for updates
+    assert step.captures <= (3 if extras else 2), (step.replays, step.captures, events)
 
 
 @pytest.mark.gpu
@@ -273,7 +284,7 @@ def test_graphed_online_updates_equal_eager_updates(gen, monkeypatch, variant):
     reallocated: captured again). "plain": the sequences update at different steps (one
     sequence's metadata), then after a beam reorder together (a second shape);
     "attention-keys": the far field's own attention-key centroids; "two-level": level 1
-    refitted after the replayed level 0."""
+    refitted after the replayed level 0 (its float sums use atomics: compared to 1e-5)."""
     import multipole.index as index_mod
 
     monkeypatch.setattr(index_mod, "GROW_MIN", 4)  # the centroid stores grow every few updates
@@ -304,6 +315,10 @@ def test_graphed_online_updates_equal_eager_updates(gen, monkeypatch, variant):
                 continue
             for name in ("key_centroids", "value_centroids", "sizes", "attention_key_centroids"):
                 a, b = getattr(level, name), getattr(other, name)
+                if level is state.index.level1 and a is not None:
+                    # level 1 is fitted by PyTorch's scatter_add (atomics) in both: not bitwise
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+                    continue
                 assert (a is None and b is None) or torch.equal(a, b), name
     graphs = state.index._update_graphs
     assert state._keys.shape[2] > 200 and updates >= 6

@@ -372,7 +372,8 @@ def _decoder_twins(gen, cfg, device):
 @pytest.mark.parametrize("position_free", [False, True], ids=["cached-keys", "position-free"])
 def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
     """GraphedDecoder: a tiny model's decode steps replayed as one CUDA graph give the logits,
-    lengths and stats of eager steps on a twin cache, across three online updates."""
+    lengths and stats of eager steps on a twin cache, across three online updates (run before
+    a replay: no capture for them)."""
     cfg = dataclasses.replace(
         SMALL, backend="triton", position_free_keys=position_free, lookup_position=64
     )
@@ -386,7 +387,7 @@ def test_whole_step_graph_decodes_like_eager_steps_on_cuda(gen, position_free):
         tokens = ref.argmax(-1, keepdim=True)
     assert graphed.failure is None, graphed.failure
     assert graphed.replays + graphed.captures + graphed.eager_steps == steps
-    assert graphed.replays > 2 * cfg.interval and graphed.captures >= 3
+    assert graphed.captures <= 2 and graphed.replays >= steps - 5, graphed.replays
     assert eager.replays == eager.captures == 0
     for ours, ref in zip(caches[0].layers, caches[1].layers, strict=True):
         assert ours.state.seq_lens == ref.state.seq_lens == [300 + steps] * 2
@@ -413,7 +414,7 @@ class _EmulatedDecoderGraph:
     def capture_begin(self, pool=None, capture_error_mode="global"):
         stores = [(s._keys, s._values, s._cluster_keys, s._seq_lens_device) for s in self._states()]
         self.saved = [(t, t.clone()) for group in stores for t in group if t is not None]
-        self.baked = [(id(s._keys), id(s._fused), tuple(s.clustered_len)) for s in self._states()]
+        self.baked = [(id(s._keys), id(s._fused), s.config) for s in self._states()]
 
     def capture_end(self):
         for t, saved in self.saved:
@@ -422,7 +423,7 @@ class _EmulatedDecoderGraph:
 
     def replay(self):
         states = self._states()
-        baked = [(id(s._keys), id(s._fused), tuple(s.clustered_len)) for s in states]
+        baked = [(id(s._keys), id(s._fused), s.config) for s in states]
         assert baked == self.baked, "replayed a stale graph"
         layers = self.decoder.cache.layers
         assert all(layer.graph_free_steps() > 0 for layer in layers), "replayed into an update"
@@ -439,9 +440,9 @@ class _EmulatedDecoderGraph:
 @pytest.mark.parametrize("position_free", [False, True], ids=["cached-keys", "position-free"])
 def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, position_free):
     """GraphedDecoder with an emulated graph on the CPU: logits, lengths (host and device) and
-    stats equal an eager twin's over three online updates; most steps replay (returning the
-    same static logits), a config change re-captures, and every update is an eager step
-    followed by a new capture."""
+    stats equal an eager twin's over three online updates; the updates run before a replay
+    (no capture for them), a config change re-captures, every other step replays (returning
+    the same static logits)."""
     import multipole.graphs as graphs
 
     cfg = dataclasses.replace(SMALL, position_free_keys=position_free, lookup_position=64)
@@ -462,6 +463,8 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, pos
                     layer.state.config = dataclasses.replace(cfg, token_budget=40)
         positions = torch.full((2, 1), 300 + i)
         ours = graphed(tokens, positions)
+        if i == 0:
+            clustered = list(caches[0].layers[0].state.clustered_len)
         outs.append(ours)
         counts.append((graphed.replays, graphed.captures))
         ref = eager(tokens, positions)
@@ -475,8 +478,10 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, pos
             assert a.state.stats() == b.state.stats()
     assert graphed.failure is None, graphed.failure
     assert graphed.replays + graphed.captures + graphed.eager_steps == steps
-    assert graphed.replays > 2 * cfg.interval
-    assert graphed.captures >= 4 and graphed.eager_steps >= 4  # updates, the config change
+    first = caches[0].layers[0].state
+    assert min(first.clustered_len) >= clustered[0] + 3 * cfg.interval  # three updates
+    # eager: the prompt's step, then one before each capture (the first, the config change's)
+    assert (graphed.captures, graphed.eager_steps) == (2, 3), (graphed.replays, graphed.captures)
     assert counts[20][0] == counts[19][0]  # no replay right after the change
     for i in range(1, steps):  # two replays in a row with no capture between: the same logits
         (r0, c0), (r1, c1) = counts[i - 1], counts[i]

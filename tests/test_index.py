@@ -189,12 +189,40 @@ def _on_cpu(state: MultipoleState) -> MultipoleState:
     return state
 
 
+class _Uncopyable:
+    """Stands in for a captured CUDA graph, which cannot be copied."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle 'CUDAGraph' object")
+
+
+def test_a_copied_state_drops_the_update_graphs(gen):
+    """``copy.deepcopy`` of a state whose index holds update graphs (which write the original's
+    stores): the copy starts with none, graphs still on, and updates like the original."""
+    k = torch.randn(1, 2, 300, 16, generator=gen)
+    state = MultipoleState.prefill(k, k, CFG)
+    graphs = state.index._update_graphs
+    graphs._graphs[torch.Size([14, 2])] = ((), _Uncopyable(), None)
+    twin = copy.deepcopy(state)
+    assert twin.index._update_graphs._graphs == {} and twin.index._update_graphs.enabled
+    assert graphs._graphs  # the original keeps its own
+    graphs._graphs.clear()
+    new = torch.randn(1, 2, 2 * CFG.interval, 16, generator=gen)
+    for s in (state, twin):
+        s.append(new, new)
+    assert twin.clustered_len == state.clustered_len > [300 - CFG.sink_tokens - 64]
+    assert torch.equal(twin.index.labels, state.index.labels)
+
+
 @pytest.mark.gpu
 def test_online_update_on_the_kernels_does_not_sync(gen):
     """An append that runs an online update on the k-means kernels launches work only."""
     cfg = dataclasses.replace(CFG, backend="triton", interval=64, block_size=512)
     k = torch.randn(1, 4, 4 + 448 + 128, 64, generator=gen).to(torch.bfloat16).cuda()
     states = [MultipoleState.prefill(k[:, :, :-1], k[:, :, :-1], cfg) for _ in range(2)]
+    q = torch.randn(1, 8, 64, generator=gen).to(torch.bfloat16).cuda()
+    for state in states:
+        state.attend(q)  # the kernels' layout, which the update then writes in place
     assert states[0].clustered_len == [448]
     states[0].append(k[:, :, -1:], k[:, :, -1:])  # compiles the kernels
     assert states[0].clustered_len == [512]

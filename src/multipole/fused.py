@@ -91,16 +91,26 @@ class Tuning:
 TUNING = Tuning()
 
 
+LAYOUT_ROOM_UPDATES = 16  # online updates a layout has room for before it is built again
+
+
 @dataclass
 class FusedLayout:
-    """The cluster index as the kernels read it (rebuilt after prefill and each update).
+    """The cluster index as the kernels read it, with room to grow: refreshed in place after
+    each online update (:meth:`refresh`), so that a decode step captured as a CUDA graph stays
+    valid across updates, and built anew (:meth:`build`) once the index outgrows it.
 
     Attributes:
-        key_centroids, value_centroids: ``[B, H_kv, C, D]`` in the cache dtype.
+        key_centroids, value_centroids: ``[B, H_kv, C, D]`` in the cache dtype; ``C`` is the
+            layout's cluster capacity (clusters past the index's have size 0: never scored).
         sizes: ``[B, H_kv, C]`` int32.
         offsets: ``[B, H_kv, C]`` int32, where cluster c starts in ``order``.
-        order: ``[B, H_kv, N]`` int32 clustered positions sorted by cluster (stable).
+        order: ``[B, H_kv, N]`` int32 positions sorted by cluster (stable; unclustered ones
+            after every cluster's), ``N`` the layout's position capacity.
         live: ``[B, H_kv]`` int64 number of clusters of nonzero size (centroids scored).
+        clustered_len, budget: ``[B]`` int64 device copies of the state's clustered lengths
+            and token budgets (None in a layout made without :meth:`build`).
+        max_budget: a bound of ``budget`` for the layout's life (sizes the step's buffers).
     """
 
     key_centroids: torch.Tensor
@@ -109,14 +119,22 @@ class FusedLayout:
     offsets: torch.Tensor
     order: torch.Tensor
     live: torch.Tensor
+    clustered_len: torch.Tensor | None = None
+    budget: torch.Tensor | None = None
+    max_budget: int = 0
+    lengths: list[int] = field(default_factory=list)  # host values of clustered_len, budget
+    budgets: list[int] = field(default_factory=list)
     workspace: dict[str, torch.Tensor] = field(default_factory=dict)
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+    _makers: dict[str, Callable[[FusedLayout], torch.Tensor]] = field(default_factory=dict)
 
-    def cached(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``make()``, computed once per layout (e.g. the bytes of centroid data a step reads,
-        which change only when the index does)."""
+    def cached(self, name: str, make: Callable[[FusedLayout], torch.Tensor]) -> torch.Tensor:
+        """``make(self)``, computed once per layout and again in place at each :meth:`refresh`
+        (e.g. the bytes of centroid data a step reads, which change only when the index
+        does)."""
         if name not in self.workspace:
-            self.workspace[name] = make()
+            self.workspace[name] = make(self)
+            self._makers[name] = make
         return self.workspace[name]
 
     def buffer(
@@ -131,33 +149,87 @@ class FusedLayout:
             t = self.scratch[name] = make(shape, dtype=dtype, device=self.sizes.device)
         return t
 
-    def select_rows(self, rows: torch.Tensor, done: set[int]) -> None:
-        """Row ``b`` becomes a copy of row ``rows[b]``, in place (the scratch buffers hold
-        nothing between steps)."""
+    def select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
+        """Row ``b`` becomes a copy of row ``rows[b]`` (``device_rows`` on the device), in
+        place (the scratch buffers hold nothing between steps)."""
         tensors = (self.key_centroids, self.value_centroids, self.sizes, self.offsets)
-        for t in (*tensors, self.order, self.live, *self.workspace.values()):
-            take_rows_(t, rows, done)
+        for t in (*tensors, self.order, self.live, self.clustered_len, self.budget):
+            take_rows_(t, device_rows, done)
+        for t in self.workspace.values():
+            take_rows_(t, device_rows, done)
+        self.lengths = [self.lengths[i] for i in rows] if self.lengths else []
+        self.budgets = [self.budgets[i] for i in rows] if self.budgets else []
 
     @classmethod
-    def build(cls, index: ClusterIndex, num_tokens: int, dtype: torch.dtype) -> FusedLayout:
-        level = index.level0
-        labels = index.labels[:, :, :num_tokens]
-        # the narrowest sort key that holds every cluster id and "outside" (after them): a
-        # radix sort's passes scale with the key's bytes
-        clusters = level.sizes.shape[-1]
-        key_dtype = torch.int16 if clusters < torch.iinfo(torch.int16).max else torch.int32
-        keys = labels.to(key_dtype).masked_fill(labels < 0, torch.iinfo(key_dtype).max)
-        order = torch.sort(keys, dim=-1, stable=True).indices
-        sizes = level.sizes.to(torch.int32)
-        return cls(
-            key_centroids=level.key_centroids.to(dtype).contiguous(),
-            value_centroids=level.value_centroids.to(dtype).contiguous(),
-            sizes=sizes.contiguous(),
-            offsets=(sizes.cumsum(-1, dtype=torch.int32) - sizes).contiguous(),
-            order=order.to(torch.int32).contiguous(),
-            live=(sizes > 0).sum(-1),
+    def build(
+        cls,
+        index: ClusterIndex,
+        dtype: torch.dtype,
+        clustered_len: list[int],
+        budget_of: Callable[[int], int],
+        room_tokens: int,
+    ) -> FusedLayout:
+        """The layout of ``index`` with room for ``room_tokens`` more clustered tokens per
+        sequence: the clusters, positions and budgets (``budget_of(clustered length)``,
+        nondecreasing) they can bring."""
+        cfg, level = index.config, index.level0
+        b, h, _, d = level.key_centroids.shape
+        # an update adds about room * ratio clusters, plus rounding at each block it opens
+        blocks = room_tokens // cfg.block_size + 2
+        clusters = max(level.count) + math.ceil(room_tokens * cfg.centroid_ratio) + 2 * blocks
+        positions = cfg.sink_tokens + max(clustered_len) + room_tokens
+        dev, i32 = level.sizes.device, torch.int32
+        layout = cls(
+            key_centroids=torch.zeros(b, h, clusters, d, dtype=dtype, device=dev),
+            value_centroids=torch.zeros(b, h, clusters, d, dtype=dtype, device=dev),
+            sizes=torch.zeros(b, h, clusters, dtype=i32, device=dev),
+            offsets=torch.zeros(b, h, clusters, dtype=i32, device=dev),
+            order=torch.zeros(b, h, positions, dtype=i32, device=dev),
+            live=torch.zeros(b, h, dtype=torch.int64, device=dev),
+            clustered_len=torch.zeros(b, dtype=torch.int64, device=dev),
+            budget=torch.zeros(b, dtype=torch.int64, device=dev),
+            max_budget=max(budget_of(n + room_tokens) for n in clustered_len),
             scratch=index.fused_scratch,
         )
+        fits = layout.refresh(index, clustered_len, [budget_of(n) for n in clustered_len])
+        assert fits, "a new layout holds its own index"
+        return layout
+
+    def refresh(self, index: ClusterIndex, clustered_len: list[int], budgets: list[int]) -> bool:
+        """Write ``index`` (and the lengths and budgets) into this layout in place, on the
+        device (no sync); False, with nothing written, if they no longer fit: more clusters,
+        a longer clustered region or a larger budget than the layout has room for."""
+        level, sink = index.level0, index.config.sink_tokens
+        clusters, positions = self.sizes.shape[-1], self.order.shape[-1]
+        if (
+            max(level.count) > clusters
+            or sink + max(clustered_len) > positions
+            or max(budgets) > self.max_budget
+        ):
+            return False
+        # the narrowest sort key that holds every cluster id and "outside" (after them): a
+        # radix sort's passes scale with the key's bytes
+        labels = index.labels[:, :, :positions]
+        key_dtype = torch.int16 if clusters < torch.iinfo(torch.int16).max else torch.int32
+        keys = labels.to(key_dtype).masked_fill(labels < 0, torch.iinfo(key_dtype).max)
+        self.order[..., : labels.shape[-1]] = torch.sort(keys, dim=-1, stable=True).indices
+        # clusters past the index's count have size 0 in its stores too
+        width = min(clusters, level.sizes.shape[-1])
+        self.key_centroids[:, :, :width] = level.key_centroids[:, :, :width]
+        self.value_centroids[:, :, :width] = level.value_centroids[:, :, :width]
+        self.sizes[:, :, :width] = level.sizes[:, :, :width]
+        torch.cumsum(self.sizes, -1, out=self.offsets)
+        self.offsets -= self.sizes
+        torch.sum(self.sizes > 0, -1, out=self.live)
+        host = torch.tensor([clustered_len, budgets], dtype=torch.int64)
+        if self.live.is_cuda:
+            host = host.pin_memory()  # copied without a host wait
+        self.clustered_len.copy_(host[0], non_blocking=True)
+        self.budget.copy_(host[1], non_blocking=True)
+        for name, make in self._makers.items():
+            self.workspace[name].copy_(make(self))
+        self.lengths, self.budgets = list(clustered_len), list(budgets)
+        return True
 
 
 @functools.lru_cache(maxsize=8)

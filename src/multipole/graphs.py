@@ -11,12 +11,17 @@ graph attention "piecewise"::
     step = GraphedStep(state)              # one per layer
     out = step(keys, values, q)            # == state.append(keys, values); state.attend(q)
 
+Online updates do not stop the replays: when the next append would run one, it runs first
+(:meth:`~multipole.MultipoleState.advance_before_append`: it clusters only tokens already in
+the cache) and writes the kernels' layout in place (:class:`multipole.fused.FusedLayout` has
+room for ``LAYOUT_ROOM_UPDATES`` updates), then the step replays.
+
 What runs eagerly instead (always correct, the graph is then re-captured):
 
-- the step at which an online update falls due or the cache must grow, and the next one;
-- any step whose captured launch arguments would be stale: another kernel layout (rebuilt at
-  every update), other storages (the cache reallocated by a growth), other clustered lengths
-  or budgets, another config, scale or tuning (:data:`multipole.fused.TUNING`), or inputs of
+- the step at which the cache must grow, and the next one;
+- any step whose captured launch arguments would be stale: another kernel layout (built anew
+  when the index outgrows the old one's room), other storages (the cache reallocated by a
+  growth), another config, scale or tuning (:data:`multipole.fused.TUNING`), or inputs of
   another shape, dtype or device (compared at every step: cheap host checks);
 - everything off CUDA, states that are not :class:`~multipole.MultipoleState` (or override
   its step), the PyTorch backend, ``validate=True`` on CUDA (it syncs), inputs that require
@@ -65,6 +70,8 @@ _STEP_METHODS = (
     "attend",
     "_attend",
     "_attend_fused",
+    "_layout",
+    "_fused_budget",
     "_backend",
     "_check_query",
     "_advance_due",
@@ -139,6 +146,9 @@ class GraphedStep:
             return self._eager(inputs, scale, static=False)
         state = self.state
         if state.seq_lens is not self._seq_lens:  # stepped eagerly, or appended to elsewhere
+            self._count_free()
+        if self._free == 0 and state.appends_before_update() == 0:
+            state.advance_before_append()  # the update now: the step can still replay
             self._count_free()
         key = self._key(inputs, scale)
         if self._free > 0:
@@ -265,6 +275,10 @@ class GraphableLayer(Protocol):
     def graph_free_steps(self) -> int:
         """One-token steps the layer can take with the same captured work."""
 
+    def graph_advance(self) -> None:
+        """Run the online updates the next one-token step would run, before it (see
+        :meth:`multipole.MultipoleState.advance_before_append`)."""
+
     def graph_snapshot(self) -> object:
         """The layer's host state, for :meth:`graph_restore` after a failed capture."""
 
@@ -335,6 +349,14 @@ class GraphedDecoder:
         ):
             return self._forward(*inputs)
         meta = self._meta(inputs)
+        if (  # online updates due: run them before the step, which then replays
+            self._graph is not None
+            and self._free == 0
+            and self.cache.get_seq_length() == self._length
+        ):
+            for layer in self.cache.layers:
+                layer.graph_advance()
+            self._free = self._free_steps()
         key, held = self._key(meta)  # every step: a config or tuning change must re-capture
         if (
             self._graph is not None
@@ -489,7 +511,6 @@ def state_key(state: MultipoleState) -> tuple:
     return (
         *map(id, state_identities(state)),
         state.config,
-        tuple(state.clustered_len),
         tuple(vars(fused.TUNING).values()),
     )
 

@@ -256,6 +256,9 @@ class MultipoleLayer(DynamicLayer):
     def graph_free_steps(self) -> int:
         return graphs.free_steps(self.state)
 
+    def graph_advance(self) -> None:
+        self.state.advance_before_append()
+
     def graph_snapshot(self) -> object:
         state = self.state
         return (self._length, self._attended, self._token, self._returned,

@@ -558,6 +558,12 @@ class _UpdateGraphs:
         self.enabled = True
         self.captures = self.replays = 0
 
+    def __deepcopy__(self, memo: dict) -> _UpdateGraphs:
+        """A copy (of a copied index) starts with no graph: these write the original's stores."""
+        copy = _UpdateGraphs()
+        copy.enabled = self.enabled
+        return copy
+
     def run(
         self,
         shape: torch.Size,

@@ -16,7 +16,7 @@ import torch
 
 from . import checks
 from .config import MultipoleConfig
-from .fused import FusedLayout, fused_decode
+from .fused import LAYOUT_ROOM_UPDATES, FusedLayout, fused_decode
 from .index import ClusterIndex, grow, take_rows_
 from .ops.decode import attend_tokens, far_field, merge_states
 from .ops.kernel_utils import kernels_available, triton_installed
@@ -351,20 +351,32 @@ class DecodeState:
         """Hook of :meth:`select_sequences` for a subclass's own per-sequence state (``done``:
         see :func:`~multipole.index.take_rows_`)."""
 
-    def _advance_due(self) -> None:
-        """Move ``interval`` tokens from the recent window into the middle while it is too long."""
+    def advance_before_append(self) -> None:
+        """Run now the online updates that the next one-token :meth:`append` would run. They
+        cluster only tokens already in the cache, so the result is the same and that append
+        runs none: a decode step captured as a CUDA graph then replays across updates
+        (``multipole.graphs``). Host only, no sync."""
+        self._advance_due(ahead=1)
+
+    def _advance_due(self, ahead: int = 0) -> None:
+        """Move ``interval`` tokens from the recent window into the middle while it is too long
+        (``ahead``: as if that many more tokens were appended)."""
         cfg = self.config
+        advanced = False
         while True:
             due = [
                 b
                 for b, (n, length) in enumerate(zip(self.seq_lens, self.clustered_len, strict=True))
-                if n - cfg.sink_tokens - length >= 2 * cfg.interval
+                if n + ahead - cfg.sink_tokens - length >= 2 * cfg.interval
             ]
             if not due:
-                return
+                break
             self._on_advance(due)
+            advanced = True
             for b in due:
                 self.clustered_len[b] += cfg.interval
+        if advanced:
+            self._after_advance()
 
     def appends_before_update(self) -> int:
         """One-token appends that can run before one moves tokens into the middle region (for
@@ -376,6 +388,9 @@ class DecodeState:
 
     def _on_advance(self, seqs: list[int]) -> None:
         """Hook: ``interval`` tokens of each listed sequence are about to join the middle."""
+
+    def _after_advance(self) -> None:
+        """Hook: tokens joined the middle (``clustered_len`` holds the new lengths)."""
 
     def _reserve_tokens(self, needed: int) -> None:
         for name in ("_keys", "_values", "_cluster_keys"):
@@ -489,7 +504,8 @@ class MultipoleState(DecodeState):
             first_kv_head,
         )
         self.index.prefill(*self._index_inputs(), self.clustered_len)
-        self._fused: FusedLayout | None = None  # rebuilt after prefill and each update
+        self._fused: FusedLayout | None = None  # built at the first fused step (_layout)
+        self._layout_stale = False  # the index changed since the layout was written
         self._ranks: torch.Tensor | None = None  # of the PyTorch path; same lifetime
 
     @classmethod
@@ -527,13 +543,17 @@ class MultipoleState(DecodeState):
 
     def _on_advance(self, seqs: list[int]) -> None:
         self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
-        self._fused = None
+        self._layout_stale = True
         self._ranks = None
+
+    def _after_advance(self) -> None:
+        if self._fused is not None:  # refreshed at once: a captured step reads it next
+            self._layout()
 
     def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         self.index.select_sequences(rows, device_rows, done)
         if self._fused is not None:
-            self._fused.select_rows(device_rows, done)
+            self._fused.select_rows(rows, device_rows, done)
         take_rows_(self._ranks, device_rows, done)
 
     def _attend(self, q, lookup_q, scale):
@@ -573,19 +593,14 @@ class MultipoleState(DecodeState):
 
     def _attend_fused(self, q, lookup_q, scale):
         cfg = self.config
-        if self._fused is None:
-            self._fused = FusedLayout.build(self.index, max(self.seq_lens), self.dtype)
-        layout = self._fused
-        # a budget past the middle region selects the same clusters: clamp it, so buffers
-        # are sized by what can be read
-        budgets = [min(cfg.budget_tokens(n), n) for n in self.clustered_len]
+        layout = self._layout()
         # what depends on the index and the config only is computed once per layout
         far_key = f"{cfg.replacement}_{cfg.far_field_share}"
         far_count = None
         if cfg.replacement and cfg.far_field_share < 1:
             far_count = layout.cached(
                 f"far_count_{far_key}",
-                lambda: _far_field_clusters(cfg, layout.live).to(torch.int32).contiguous(),
+                lambda fresh: _far_field_clusters(cfg, fresh.live).to(torch.int32).contiguous(),
             )
         out, lse, count, selected = fused_decode(
             q.contiguous(),
@@ -594,9 +609,9 @@ class MultipoleState(DecodeState):
             self._values,
             layout,
             self._seq_lens_device,
-            self._device_ints("clustered_len", self.clustered_len),
-            self._device_ints("fused_budget", budgets),
-            max_budget=max(budgets),
+            layout.clustered_len,
+            layout.budget,
+            max_budget=layout.max_budget,
             sink_tokens=cfg.sink_tokens,
             max_recent=2 * cfg.interval,
             scale=scale,
@@ -609,12 +624,35 @@ class MultipoleState(DecodeState):
             centroids_scored=layout.live,
             metadata_bytes=layout.cached(
                 f"metadata_bytes_{far_key}",
-                lambda: _metadata_bytes(
-                    cfg, layout.live, self.head_dim, self._keys.element_size(), False
+                lambda fresh: _metadata_bytes(
+                    cfg, fresh.live, self.head_dim, self._keys.element_size(), False
                 ),
             ),
         )
         return out, lse, reads
+
+    def _layout(self) -> FusedLayout:
+        """The kernels' layout of the index, the clustered lengths and the budgets: written in
+        place while it has room (a captured decode step keeps reading it), else built anew
+        with room for ``LAYOUT_ROOM_UPDATES`` more online updates."""
+        lengths = list(self.clustered_len)
+        budgets = [self._fused_budget(n) for n in lengths]
+        layout = self._fused
+        changed = layout is not None and (
+            self._layout_stale or layout.lengths != lengths or layout.budgets != budgets
+        )
+        if changed and not layout.refresh(self.index, lengths, budgets):
+            layout = None
+        if layout is None:
+            room = LAYOUT_ROOM_UPDATES * self.config.interval
+            layout = FusedLayout.build(self.index, self.dtype, lengths, self._fused_budget, room)
+        self._fused, self._layout_stale = layout, False
+        return layout
+
+    def _fused_budget(self, clustered_len: int) -> int:
+        """The kernels' token budget: one past the middle region selects the same clusters,
+        so it is clamped (buffers are sized by what can be read)."""
+        return min(self.config.budget_tokens(clustered_len), clustered_len)
 
     def _attend_reference(self, q, lookup_q, scale):
         cfg, index = self.config, self.index

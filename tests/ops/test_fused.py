@@ -108,6 +108,83 @@ def test_fused_follows_appends_and_online_updates(gen, kernel_device, share):
         assert torch.equal(state._reads.tokens_exact.cpu(), ref_tokens.to(torch.int32))
 
 
+def _same_layout(layout, fresh) -> None:
+    """``layout`` (with room) holds what ``fresh`` (just built) holds: clusters, their order of
+    positions, lengths and budgets; its clusters past ``fresh``'s are empty."""
+    c = min(layout.sizes.shape[-1], fresh.sizes.shape[-1])
+    for big in (layout, fresh):
+        assert not big.sizes[..., c:].any()
+    assert torch.equal(layout.sizes[..., :c], fresh.sizes[..., :c])
+    assert torch.equal(layout.offsets[..., :c], fresh.offsets[..., :c])
+    assert torch.equal(layout.live, fresh.live)
+    live = fresh.sizes[..., :c] > 0
+    for name in ("key_centroids", "value_centroids"):
+        a, b = getattr(layout, name)[..., :c, :], getattr(fresh, name)[..., :c, :]
+        assert torch.equal(a[live], b[live]), name
+    for row, total in enumerate(fresh.sizes.sum(-1).view(-1).tolist()):
+        a, b = layout.order.flatten(0, 1)[row], fresh.order.flatten(0, 1)[row]
+        assert torch.equal(a[:total], b[:total])
+    for name in ("clustered_len", "budget"):
+        assert torch.equal(getattr(layout, name), getattr(fresh, name)), name
+    assert (layout.lengths, layout.budgets) == (fresh.lengths, fresh.budgets)
+    for name, t in layout.workspace.items():  # e.g. a partial far field's cluster count
+        assert torch.equal(t, layout._makers[name](layout)), name
+
+
+def test_layout_is_written_in_place_across_online_updates(gen, kernel_device, monkeypatch):
+    """Online updates write the kernels' layout in place (the same tensors: a decode step
+    captured as a CUDA graph stays valid) while it has room, and build it anew when not; it
+    always holds what a layout built for the index holds, and the fused step equals the
+    reference. Updates run before their append (``advance_before_append``, as graphed steps
+    do) leave the same index as those the append runs."""
+    import multipole.state as state_mod
+    from multipole.fused import FusedLayout
+
+    monkeypatch.setattr(state_mod, "LAYOUT_ROOM_UPDATES", 2)
+    device = kernel_device
+    cfg = dataclasses.replace(
+        BASE, interval=16, token_budget=0.1, far_field_share=0.2, backend="triton"
+    )
+    k, v = _planted(gen, 2, 2, 420, 32, torch.float32)
+    state, twin = (
+        MultipoleState.prefill(k.to(device), v.to(device), cfg, lengths=[420, 391])
+        for _ in range(2)
+    )
+    q = torch.randn(2, 8, 32, generator=gen).to(device)
+    state.attend(q)
+    layouts, pointers, updates = [state._fused], set(), 0
+    for _ in range(5 * cfg.interval):
+        before = list(state.clustered_len)
+        if state.appends_before_update() == 0:
+            state.advance_before_append()
+            assert state.appends_before_update() > 0
+        nk, nv = (t.to(device) for t in _planted(gen, 2, 2, 1, 32, torch.float32))
+        state.append(nk, nv)
+        twin.append(nk, nv)
+        assert state.clustered_len == twin.clustered_len
+        assert torch.equal(state.index.labels, twin.index.labels)
+        assert torch.equal(state.index.level0.key_centroids, twin.index.level0.key_centroids)
+        if state.clustered_len == before:
+            continue
+        updates += 1
+        layout = state._fused
+        if layout is layouts[-1]:  # written in place
+            pointers.add(tuple(t.data_ptr() for t in (layout.order, layout.sizes, layout.budget)))
+        else:
+            layouts.append(layout)
+        fresh = FusedLayout.build(
+            state.index, state.dtype, state.clustered_len, state._fused_budget, 0
+        )
+        _same_layout(layout, fresh)
+        q = torch.randn(2, 8, 32, generator=gen).to(device)
+        ref = _run(state, q, "reference")
+        assert rel_err(_run(state, q, "triton"), ref) < 1e-5
+        assert state._fused is layout  # the step found it current
+    assert updates >= 5
+    assert 2 <= len(layouts) <= updates // 2 + 1  # built anew once its room (2 updates) is used
+    assert len(pointers) >= 2
+
+
 def test_fused_on_a_non_contiguous_cache_and_a_huge_budget(gen, kernel_device):
     device = kernel_device
     k, v = _planted(gen, 1, 2, 700, 32, torch.float32)
