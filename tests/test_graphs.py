@@ -237,7 +237,9 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
     """3 intervals of steps: online updates (run before a replay: no capture), a cache growth
     (capacity 200, longest 180: the 21st append grows it); "aligned": both sequences update at
     the same steps; the other: updates at different steps, lookup queries, clustering keys, a
-    scale, a 3-token append made on the state directly, and a config change."""
+    scale, a 3-token append made on the state directly, a beam reorder that swaps the ragged
+    rows (layout rows and their lengths permuted in place: the graph keeps replaying), and a
+    config change."""
     cfg, h, group, d, dtype = GPU_CFG, 2, 4, 64, torch.bfloat16
     extras = variant != "aligned"
     lengths = [180, 171] if extras else [180, 164]
@@ -254,6 +256,9 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
             for s in (state, twin):
                 s.append(k3, v3, cluster_keys=ck3)
             events += 1
+        if extras and i == 20:  # a beam reorder: rows swapped in place
+            for s in (state, twin):
+                s.select_sequences([1, 0])
         if extras and i == 30:  # a config change between steps
             for s in (state, twin):
                 s.config = dataclasses.replace(cfg, token_budget=48, far_field_share=0.2)
@@ -268,7 +273,7 @@ def test_graphed_steps_match_an_eager_twin(gen, variant):
             marks = (twin._fused, twin._keys)
     assert step.failure is None, step.failure
     assert state._keys.shape[2] > 200  # grew
-    assert all(a >= b0 + 2 * cfg.interval for a, b0 in zip(twin.clustered_len, before, strict=True))
+    assert sum(twin.clustered_len) >= sum(before) + 4 * cfg.interval  # rows may be swapped
     assert step.replays + step.captures + step.eager_steps == steps
     # each event costs an eager step and a capture at most; so does the first step
     assert step.replays >= steps - 2 * (events + 1), (step.replays, events)

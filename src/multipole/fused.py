@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -195,10 +195,19 @@ class FusedLayout:
         assert fits, "a new layout holds its own index"
         return layout
 
-    def refresh(self, index: ClusterIndex, clustered_len: list[int], budgets: list[int]) -> bool:
+    def refresh(
+        self,
+        index: ClusterIndex,
+        clustered_len: list[int],
+        budgets: list[int],
+        rows: Sequence[int] | None = None,
+    ) -> bool:
         """Write ``index`` (and the lengths and budgets) into this layout in place, on the
         device (no sync); False, with nothing written, if they no longer fit: more clusters,
-        a longer clustered region or a larger budget than the layout has room for."""
+        a longer clustered region or a larger budget than the layout has room for.
+
+        ``rows``: the sequences whose clusters changed (None: all). A ragged batch updates
+        its rows at different steps; each update then sorts its own rows' labels only."""
         level, sink = index.level0, index.config.sink_tokens
         clusters, positions = self.sizes.shape[-1], self.order.shape[-1]
         if (
@@ -209,15 +218,21 @@ class FusedLayout:
             return False
         # the narrowest sort key that holds every cluster id and "outside" (after them): a
         # radix sort's passes scale with the key's bytes
-        labels = index.labels[:, :, :positions]
         key_dtype = torch.int16 if clusters < torch.iinfo(torch.int16).max else torch.int32
-        keys = labels.to(key_dtype).masked_fill(labels < 0, torch.iinfo(key_dtype).max)
-        self.order[..., : labels.shape[-1]] = torch.sort(keys, dim=-1, stable=True).indices
         # clusters past the index's count have size 0 in its stores too
         width = min(clusters, level.sizes.shape[-1])
-        self.key_centroids[:, :, :width] = level.key_centroids[:, :, :width]
-        self.value_centroids[:, :, :width] = level.value_centroids[:, :, :width]
-        self.sizes[:, :, :width] = level.sizes[:, :, :width]
+        batch = self.sizes.shape[0]
+        if rows is None or 2 * len(rows) > batch:
+            parts = [slice(None)]
+        else:  # a few rows, one at a time (views: no index tensor to copy to the device)
+            parts = [slice(r, r + 1) for r in sorted(set(rows))]
+        for part in parts:
+            labels = index.labels[part, :, :positions]
+            keys = labels.to(key_dtype).masked_fill(labels < 0, torch.iinfo(key_dtype).max)
+            self.order[part, :, : labels.shape[-1]] = torch.sort(keys, dim=-1, stable=True).indices
+            self.key_centroids[part, :, :width] = level.key_centroids[part, :, :width]
+            self.value_centroids[part, :, :width] = level.value_centroids[part, :, :width]
+            self.sizes[part, :, :width] = level.sizes[part, :, :width]
         torch.cumsum(self.sizes, -1, out=self.offsets)
         self.offsets -= self.sizes
         torch.sum(self.sizes > 0, -1, out=self.live)

@@ -3,7 +3,7 @@
 An eager step through :class:`~multipole.MultipoleState` costs far more host time than GPU time
 (argument checks, the cache write, host bookkeeping, six to eight Triton launches and their
 buffers): at batch 1 the fused attention needs about 0.1 ms of GPU per layer, the Python around it
-several times that. Between two online updates a step does the same work on the same buffers
+several times that. From one step to the next a step does the same work on the same buffers
 with only device-side values changing (the new token's position is read from the device copy
 of the lengths), so :class:`GraphedStep` captures it once and replays it, as vLLM and SGLang
 graph attention "piecewise"::
@@ -76,6 +76,10 @@ _STEP_METHODS = (
     "_check_query",
     "_advance_due",
     "_on_advance",
+    "_after_advance",
+    "advance_before_append",
+    "appends_before_update",
+    "_select_rows",
     "_reserve_tokens",
 )
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -83,7 +87,7 @@ _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 class GraphedStep:
     """``append`` one token and ``attend`` one query on a decode state, replayed as a CUDA
-    graph between online updates (see the module docstring for what falls back to eager).
+    graph, across online updates (see the module docstring for what falls back to eager).
 
     Args:
         state: the layer's decode state. Graphs need a :class:`~multipole.MultipoleState` on
@@ -291,7 +295,7 @@ class GraphableLayer(Protocol):
 
 class GraphedDecoder:
     """A model's whole one-token decode step (embedding, every layer, the LM head) replayed as
-    one CUDA graph between online updates.
+    one CUDA graph, across online updates.
 
     :class:`GraphedStep` graphs the attention of each layer; the rest of an eager transformers
     step (norms, projections, RoPE, MLPs: tens of launches and about 1 ms of Python per layer
@@ -303,9 +307,10 @@ class GraphedDecoder:
         logits = decoder(next_ids, position_ids)          # [B, vocab], both inputs [B, 1]
 
     The same rules as :class:`GraphedStep`: a step is captured right after an eager step
-    with the same captured arguments on the same static input buffers, replayed while every
-    layer has steps left before an online update or a cache growth, and stepped eagerly (and
-    re-captured) otherwise. A replay returns the graph's static logits, overwritten by the
+    with the same captured arguments on the same static input buffers and replayed while
+    every layer has steps left before a cache growth; online updates due run before the
+    replay (each layer's ``graph_advance``); otherwise the step runs eagerly (and is
+    captured again). A replay returns the graph's static logits, overwritten by the
     next replay. Between calls, change the cache only through this object; after anything
     else (a prompt chunk, a reorder, a crop) call :meth:`release`. A layer that is not a
     :class:`GraphableLayer` (a layer kept dense, a baseline method, the PyTorch backend) keeps

@@ -218,7 +218,7 @@ class MultipoleLayer(DynamicLayer):
 
     def decode(self, query: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Append the step's new token (if :meth:`update` kept one) and attend ``query
-        [B, Hq, D]``, through :attr:`step` (a CUDA graph replay between online updates)."""
+        [B, Hq, D]``, through :attr:`step` (a CUDA graph replay, across online updates)."""
         if self.step is None:
             self.step = GraphedStep(self.state, enabled=self.cuda_graphs)
         if self._token is None:  # the first decode step: the state already holds the token

@@ -355,7 +355,9 @@ class DecodeState:
         """Run now the online updates that the next one-token :meth:`append` would run. They
         cluster only tokens already in the cache, so the result is the same and that append
         runs none: a decode step captured as a CUDA graph then replays across updates
-        (``multipole.graphs``). Host only, no sync."""
+        (``multipole.graphs``). No host sync. Call it only right before that append: until
+        it, the recent window holds one token fewer than ``interval``."""
+        self._reserve_tokens(max(self.seq_lens) + 1)  # as that append would, first
         self._advance_due(ahead=1)
 
     def _advance_due(self, ahead: int = 0) -> None:
@@ -505,7 +507,7 @@ class MultipoleState(DecodeState):
         )
         self.index.prefill(*self._index_inputs(), self.clustered_len)
         self._fused: FusedLayout | None = None  # built at the first fused step (_layout)
-        self._layout_stale = False  # the index changed since the layout was written
+        self._stale_rows: set[int] = set()  # sequences updated since the layout was written
         self._ranks: torch.Tensor | None = None  # of the PyTorch path; same lifetime
 
     @classmethod
@@ -543,7 +545,7 @@ class MultipoleState(DecodeState):
 
     def _on_advance(self, seqs: list[int]) -> None:
         self.index.advance(*self._index_inputs(), seqs, self.clustered_len)
-        self._layout_stale = True
+        self._stale_rows.update(seqs)
         self._ranks = None
 
     def _after_advance(self) -> None:
@@ -552,6 +554,8 @@ class MultipoleState(DecodeState):
 
     def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         self.index.select_sequences(rows, device_rows, done)
+        if self._stale_rows:  # (none while a layout exists: it is refreshed at each update)
+            self._stale_rows = set(range(self.batch_size))
         if self._fused is not None:
             self._fused.select_rows(rows, device_rows, done)
         take_rows_(self._ranks, device_rows, done)
@@ -624,8 +628,12 @@ class MultipoleState(DecodeState):
             centroids_scored=layout.live,
             metadata_bytes=layout.cached(
                 f"metadata_bytes_{far_key}",
-                lambda fresh: _metadata_bytes(
-                    cfg, fresh.live, self.head_dim, self._keys.element_size(), False
+                lambda fresh: _metadata_bytes(  # (no closure over self: copies stay apart)
+                    cfg,
+                    fresh.live,
+                    fresh.key_centroids.shape[-1],
+                    fresh.key_centroids.element_size(),
+                    False,
                 ),
             ),
         )
@@ -639,14 +647,15 @@ class MultipoleState(DecodeState):
         budgets = [self._fused_budget(n) for n in lengths]
         layout = self._fused
         changed = layout is not None and (
-            self._layout_stale or layout.lengths != lengths or layout.budgets != budgets
+            self._stale_rows or layout.lengths != lengths or layout.budgets != budgets
         )
-        if changed and not layout.refresh(self.index, lengths, budgets):
+        stale = sorted(self._stale_rows)
+        if changed and not layout.refresh(self.index, lengths, budgets, rows=stale):
             layout = None
         if layout is None:
             room = LAYOUT_ROOM_UPDATES * self.config.interval
             layout = FusedLayout.build(self.index, self.dtype, lengths, self._fused_budget, room)
-        self._fused, self._layout_stale = layout, False
+        self._fused, self._stale_rows = layout, set()
         return layout
 
     def _fused_budget(self, clustered_len: int) -> int:

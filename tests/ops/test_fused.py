@@ -134,9 +134,10 @@ def _same_layout(layout, fresh) -> None:
 def test_layout_is_written_in_place_across_online_updates(gen, kernel_device, monkeypatch):
     """Online updates write the kernels' layout in place (the same tensors: a decode step
     captured as a CUDA graph stays valid) while it has room, and build it anew when not; it
-    always holds what a layout built for the index holds, and the fused step equals the
-    reference. Updates run before their append (``advance_before_append``, as graphed steps
-    do) leave the same index as those the append runs."""
+    always holds what a layout built for the index holds (the rows updated at a step written
+    alone, the others kept), and the fused step equals the reference. Updates run before
+    their append (``advance_before_append``, as graphed steps do) leave the same index as
+    those the append runs."""
     import multipole.state as state_mod
     from multipole.fused import FusedLayout
 
@@ -152,7 +153,7 @@ def test_layout_is_written_in_place_across_online_updates(gen, kernel_device, mo
     )
     q = torch.randn(2, 8, 32, generator=gen).to(device)
     state.attend(q)
-    layouts, pointers, updates = [state._fused], set(), 0
+    layouts, pointers, updates, one_row = [state._fused], set(), 0, 0
     for _ in range(5 * cfg.interval):
         before = list(state.clustered_len)
         if state.appends_before_update() == 0:
@@ -167,6 +168,7 @@ def test_layout_is_written_in_place_across_online_updates(gen, kernel_device, mo
         if state.clustered_len == before:
             continue
         updates += 1
+        one_row += sum(a != b for a, b in zip(state.clustered_len, before, strict=True)) == 1
         layout = state._fused
         if layout is layouts[-1]:  # written in place
             pointers.add(tuple(t.data_ptr() for t in (layout.order, layout.sizes, layout.budget)))
@@ -180,7 +182,7 @@ def test_layout_is_written_in_place_across_online_updates(gen, kernel_device, mo
         ref = _run(state, q, "reference")
         assert rel_err(_run(state, q, "triton"), ref) < 1e-5
         assert state._fused is layout  # the step found it current
-    assert updates >= 5
+    assert updates >= 5 and one_row >= 2  # ragged: rows refreshed alone too
     assert 2 <= len(layouts) <= updates // 2 + 1  # built anew once its room (2 updates) is used
     assert len(pointers) >= 2
 

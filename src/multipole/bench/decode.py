@@ -16,8 +16,9 @@ row's used prefix through its variable-length entry point, with GQA and no mask.
 (transformers' ``StaticCache`` would attend over its whole buffer through a mask, which sends
 SDPA to a slower kernel or repeats the KV heads.) With fixed shapes and lengths on the device,
 both methods replay the whole decode step (every layer and the LM head) as one CUDA graph
-between online updates (:class:`multipole.graphs.GraphedDecoder`): an eager transformers step
-costs about 1 ms of Python per layer, which would hide the attention at every batch size.
+(:class:`multipole.graphs.GraphedDecoder`; Multipole's online updates run before a replay):
+an eager transformers step costs about 1 ms of Python per layer, which would hide the
+attention at every batch size.
 ``--graphs layer`` graphs only each Multipole layer's attention step (dense eager),
 ``--graphs none`` runs both eagerly; no torch.compile.
 
@@ -70,9 +71,9 @@ CHECK_LAYERS = 2  # decoder layers of the check
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GRAPH_MODES = {  # --graphs: how the steps run
     "step": "both methods replay the whole decode step (every layer, the LM head) as one CUDA "
-    "graph between online updates (multipole.graphs.GraphedDecoder)",
+    "graph (multipole.graphs.GraphedDecoder; online updates run before a replay)",
     "layer": "dense eager; multipole eager except each layer's decode step (token write and "
-    "attention), replayed as a CUDA graph between online updates",
+    "attention), replayed as a CUDA graph (online updates run before a replay)",
     "none": "eager for both methods",
 }
 

@@ -197,8 +197,8 @@ def bench_update(args=None) -> dict:
     to 8192 (512 clusters). A state's first update runs eagerly and is
     captured as a CUDA graph (``first_update_ms``, kernels already compiled); the others
     replay it: medians of the update (``update_ms``; ``host_ms`` to issue it) and of the update
-    plus the next decode step (``update_plus_one_step_ms``, which also rebuilds the kernels'
-    layout). ``eager``: the same updates with the graphs off."""
+    plus the next decode step (``update_plus_one_step_ms``); the update also writes the
+    kernels' layout in place. ``eager``: the same updates with the graphs off."""
     return dict(graphed=_update_times(graphed=True), eager=_update_times(graphed=False))
 
 
