@@ -152,10 +152,8 @@ class FusedLayout:
     def select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         """Row ``b`` becomes a copy of row ``rows[b]`` (``device_rows`` on the device), in
         place (the scratch buffers hold nothing between steps)."""
-        tensors = (self.key_centroids, self.value_centroids, self.sizes, self.offsets)
-        for t in (*tensors, self.order, self.live, self.clustered_len, self.budget):
-            take_rows_(t, device_rows, done)
-        for t in self.workspace.values():
+        tensors = (self.key_centroids, self.value_centroids, self.sizes, self.offsets, self.order)
+        for t in (*tensors, self.live, self.clustered_len, self.budget, *self.workspace.values()):
             take_rows_(t, device_rows, done)
         self.lengths = [self.lengths[i] for i in rows] if self.lengths else []
         self.budgets = [self.budgets[i] for i in rows] if self.budgets else []
