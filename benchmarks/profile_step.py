@@ -1,7 +1,7 @@
 """Where the time of a fused decode step goes, launch variants, and the k-means kernels (GPU).
 
 python benchmarks/profile_step.py [--context 131072] [--batches 1,16] [--budgets 128,0.05]
-    [--shares 1.0,0.05] [--variants] [--kmeans] [--out FILE.json]
+    [--shares 1.0,0.05] [--variants [--variant-names A,B]] [--kmeans] [--out FILE.json]
 
 - default: per-kernel GPU time of one step (torch.profiler, 20 steps);
 - ``--variants``: each launch variant of ``multipole.fused.Tuning`` checked against the
@@ -42,6 +42,7 @@ VARIANTS = {
     "select256": dict(select_chunk=256),
     "select1024": dict(select_chunk=1024),
     "one_stream": dict(band_beside_expansion=False),
+    "dependent_launch": dict(dependent_launch=True),
 }
 KMEANS_VARIANTS = {
     "default": {},
@@ -370,6 +371,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="128,0.05")
     parser.add_argument("--shares", default="1.0", help="far_field_share values to profile")
     parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--variant-names", default=None, help="NAME,... (default: all)")
     parser.add_argument("--kmeans", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=None)
@@ -401,7 +403,8 @@ def main() -> None:
         if args.kmeans:
             kmeans_checks(args, rows)
         if args.variants:
-            time_variants(args, budgets, rows)
+            names = args.variant_names.split(",") if args.variant_names else list(VARIANTS)
+            time_variants(args, budgets, rows, {name: VARIANTS[name] for name in names})
         if not args.no_profile:
             profile_steps(args, budgets, rows)
     finally:

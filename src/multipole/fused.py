@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .index import ClusterIndex, take_rows_
-from .ops.kernel_utils import native_dot
+from .ops.kernel_utils import dependent_launch_supported, native_dot
 from .ops.lookup.reference import BINS, BINS_PER_NAT
 
 BAND_BLOCK = 64  # clusters per tile of a partial far field's member list
@@ -79,6 +79,9 @@ class Tuning:
     keys_only_block_n: int = 128
     # a partial far field's two kernels on a second stream, beside the expansion (on CUDA)
     band_beside_expansion: bool = True
+    # each kernel after the first launched while its predecessor finishes (Hopper or newer;
+    # off until timed on a GPU)
+    dependent_launch: bool = False
 
     def __post_init__(self) -> None:
         tiles = ("centroid_block", "keys_only_block", "band_chunk", "select_chunk", "merge_slice")
@@ -360,6 +363,13 @@ def fused_decode(
         buf = layout.buffer
         partial = replacement and far_count is not None
         full_far = replacement and not partial  # the far field of every cluster, from pass 1
+        # programmatic dependent launch for a kernel that follows another of this step in its
+        # stream (each waits for its predecessor before reading; not after a fork or a join)
+        chained = (
+            dict(PDL=True, launch_pdl=True)
+            if tune.dependent_launch and dependent_launch_supported(dev)
+            else {}
+        )
 
         # 1. Centroid pass: logits z and the far-field state of all clusters, split over programs.
         if full_far:
@@ -436,6 +446,7 @@ def fused_decode(
             FAR_SPLITS=max(1, min(split_pad_c, 4096 // (rows_g * min(FAR_SLICE, block_d)))),
             WITH_FAR=full_far,
             num_warps=4,
+            **chained,
         )
         mass = buf("mass", (rows, num_clusters), f32) if partial else score
         mass_top = buf("mass_top", (rows,), f32) if partial else far_m
@@ -463,6 +474,7 @@ def fused_decode(
             CHUNK=select_chunk,
             PARTIAL_FAR=partial,
             num_warps=4,
+            **chained,
         )
         _select_kernel[(rows, select_chunks)](
             score,
@@ -492,6 +504,7 @@ def fused_decode(
             CHUNKS_PAD=_pow2(select_chunks, 2),
             PARTIAL_FAR=partial,
             num_warps=4,
+            **chained,
         )
 
         # The exact pass's splits and partial states (also the slots of a partial far field's
@@ -514,6 +527,7 @@ def fused_decode(
         # at the same time on a second stream, joined before the exact pass (a fork and a join in
         # a captured CUDA graph).
         side = _side_stream(dev) if partial and tune.band_beside_expansion else None
+        after_join = {} if side is not None else chained  # the first kernel after a fork or join
         if partial:
             band_members = buf("band_members", (rows, num_clusters), i32)
             if side is not None:
@@ -528,6 +542,7 @@ def fused_decode(
                     BINS=BINS,
                     CHUNK=SCORE_CHUNK,
                     num_warps=4,
+                    **after_join,
                 )
                 _band_far_field_kernel[(rows, splits_f)](
                     z,
@@ -556,6 +571,7 @@ def fused_decode(
                     BLOCK_D=block_d,
                     NATIVE_DOT=native,
                     num_warps=4,
+                    **chained,
                 )
         slot_capacity = max(1, max_budget)
         pos = buf("pos", (rows, slot_capacity), i32)
@@ -585,6 +601,7 @@ def fused_decode(
             RANK_CHUNK=RANK_CHUNK,
             WITH_FAR=full_far,
             num_warps=4,
+            **chained,
         )
 
         if side is not None:
@@ -628,6 +645,7 @@ def fused_decode(
             BOUNDARY_ONLY=partial,
             NATIVE_DOT=native,
             num_warps=4,
+            **after_join,
         )
         merge_d = min(tune.merge_slice, block_d)
         _merge_kernel[(rows, block_d // merge_d)](
@@ -648,5 +666,6 @@ def fused_decode(
             SPLIT_CHUNK=max(1, min(split_pad_n, 4096 // (rows_g * merge_d))),
             WITH_FAR=full_far,
             num_warps=4,
+            **chained,
         )
         return out, lse, count.view(b, h), num_selected.view(b, h)

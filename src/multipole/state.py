@@ -107,6 +107,7 @@ class DecodeState:
         self._reads: Reads | None = None
         # lengths kept on the device too, so that a decode step copies nothing from the host
         self._seq_lens_device = torch.tensor(seq_lens, dtype=torch.int64, device=keys.device)
+        self._row_ids = torch.arange(len(seq_lens), device=keys.device).unsqueeze(1)  # [B, 1]
         self._device_cache: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
@@ -288,15 +289,16 @@ class DecodeState:
                     checks.check_finite(name, x)
 
         self._reserve_tokens(max(self.seq_lens) + t)
-        positions = self._seq_lens_device.unsqueeze(1) + torch.arange(t, device=self.device)
-        rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
+        positions = self._seq_lens_device.unsqueeze(1)  # [B, T]: each row from its length
+        if t > 1:  # (a decode step launches no kernel for the positions)
+            positions = positions + torch.arange(t, device=self.device)
         for store, new in (
             (self._keys, keys),
             (self._values, values),
             (self._cluster_keys, cluster_keys),
         ):
             if store is not None and new is not None:
-                store[rows, :, positions] = new.transpose(1, 2)
+                store[self._row_ids, :, positions] = new.transpose(1, 2)
         self.seq_lens = [n + t for n in self.seq_lens]
         self._seq_lens_device += t
         self._advance_due()

@@ -224,9 +224,10 @@ def test_decode_steps_do_not_sync_with_the_host(gen):
 @pytest.mark.parametrize("share", [1.0, 0.05])
 def test_a_captured_step_replays_the_eager_step(gen, share, monkeypatch):
     """The step captured as a CUDA graph (with a partial far field, a fork to a second stream
-    and a join) replays, bit for bit, what the eager step computes on one stream, for new
-    query values each time; large enough that the second stream's kernels still run while the
-    expansion does."""
+    and a join; each kernel launched while its predecessor finishes, on Hopper) replays, bit
+    for bit, what the eager step computes on one stream with plain and with dependent
+    launches, for new query values each time; large enough that the second stream's kernels
+    still run while the expansion does."""
     from multipole import fused
     from multipole.bench.kernels import graph_of
 
@@ -237,14 +238,15 @@ def test_a_captured_step_replays_the_eager_step(gen, share, monkeypatch):
     state = MultipoleState.prefill(k.cuda(), v.cuda(), cfg)
     q = torch.randn(4, 8, 128, generator=gen).to(torch.bfloat16).cuda()
     out = torch.empty_like(q)
+    monkeypatch.setattr(fused, "TUNING", fused.Tuning(dependent_launch=True))
     replay = graph_of(lambda: out.copy_(state.attend(q)))
     previous = out.clone()
     for _ in range(3):
         q.copy_(torch.randn(4, 8, 128, generator=gen) * 2)
         replay()
-        monkeypatch.setattr(fused, "TUNING", fused.Tuning(band_beside_expansion=False))
-        assert torch.equal(out, state.attend(q))
-        monkeypatch.setattr(fused, "TUNING", fused.Tuning())
+        for eager in (dict(dependent_launch=False), dict(dependent_launch=True)):
+            monkeypatch.setattr(fused, "TUNING", fused.Tuning(band_beside_expansion=False, **eager))
+            assert torch.equal(out, state.attend(q))
         assert out.isfinite().all() and not torch.equal(out, previous)  # the new query's
         previous = out.clone()
 
@@ -549,6 +551,18 @@ def test_partial_far_field_keeps_the_bins_of_largest_mass(gen, kernel_device, ch
     for r, c0 in itertools.product(range(rows), range(0, clusters, chunk)):
         ids = expected[r, c0 : c0 + chunk].nonzero().flatten() + c0
         assert torch.equal(members[r, c0 : c0 + len(ids)].long(), ids)
+
+
+def test_dependent_launch_only_on_a_gpu_that_has_it():
+    """Kernels are never launched with ``launch_pdl`` off CUDA or in the interpreter (which
+    cannot run the grid-dependency instructions)."""
+    from multipole.ops.kernel_utils import dependent_launch_supported, interpreting
+
+    assert not dependent_launch_supported(torch.device("cpu"))
+    if torch.cuda.is_available():
+        major = torch.cuda.get_device_capability()[0]
+        expected = major >= 9 and not interpreting()
+        assert dependent_launch_supported(torch.device("cuda", 0)) == expected
 
 
 def test_tuning_rejects_tiles_that_are_not_powers_of_two():

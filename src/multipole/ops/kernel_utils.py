@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -11,6 +12,10 @@ try:
     import triton.language as tl
 except ImportError:  # the [gpu] extra is not installed
     triton = None
+try:  # grid dependency control (Triton >= 3.3)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_wait = gdc_launch_dependents = None
 
 
 def interpreting() -> bool:
@@ -33,7 +38,30 @@ def native_dot(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and not interpreting()
 
 
+@functools.cache
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Kernels on ``device`` can be launched before the previous one of their stream has
+    finished (programmatic dependent launch: CUDA on Hopper or newer; not the interpreter), so
+    that a chain of short kernels overlaps each launch with the previous kernel's tail."""
+    return (
+        gdc_wait is not None
+        and device.type == "cuda"
+        and not interpreting()
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
 if triton is not None:
+
+    @triton.jit
+    def wait_for_previous(PDL: tl.constexpr):
+        """With ``PDL`` (a kernel launched with ``launch_pdl=True``): wait until the previous
+        kernel of the stream has finished and its writes are visible, then let the next one
+        start launching. Every program must call it before reading what earlier kernels
+        wrote; since each waits for its predecessor, a chain waits for all of them."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def dot(a, b, NATIVE: tl.constexpr):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernel_utils import dot, load_rows, store_partial
+from ..kernel_utils import dot, load_rows, store_partial, wait_for_previous
 
 
 @triton.jit
@@ -46,9 +46,11 @@ def _expand_kernel(
     WINDOW: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
     WITH_FAR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Position (``ORDER[SEL_BASE[r] + slot]``) and cluster of the selected token slots
     ``program * slots_per_program ..`` of one row. Grid: (rows, slot ranges)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // num_kv_heads
     seq_len = tl.load(SEQ_LENS + b)
@@ -124,6 +126,7 @@ def _sparse_decode_kernel(
     WITH_FAR: tl.constexpr,
     BOUNDARY_ONLY: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Split ``split`` of one row: slots ``split * tokens_per_split ..`` (sink and recent
     window first, then the selected tokens at the positions ``_expand_kernel`` wrote). Its
@@ -132,6 +135,7 @@ def _sparse_decode_kernel(
     token removes its cluster's far-field term, the logits of its cluster (``CLUSTER``) read
     from ``Z``; with ``BOUNDARY_ONLY`` (a partial far field) only the partly taken cluster
     can have one: ``BOUNDARY = (id, first slot, tokens taken)``, its logits ``BOUNDARY_Z``."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -228,10 +232,12 @@ def _merge_kernel(
     SPLIT_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
     WITH_FAR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Combine the exact splits and the far field of one row, head-dim columns
     ``d0 .. d0 + BLOCK_D``; write the output (and, from the first slice, the lse).
     Grid: (rows, head-dim slices of ``BLOCK_D``)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
     offs_g = tl.arange(0, BLOCK_G)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernel_utils import dot, load_rows, softmax_update, store_partial
+from ..kernel_utils import dot, load_rows, softmax_update, store_partial, wait_for_previous
 
 
 @triton.jit
@@ -135,12 +135,14 @@ def _score_kernel(
     FAR_SLICE: tl.constexpr,
     FAR_SPLITS: tl.constexpr,
     WITH_FAR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Score of every cluster, ``log sum_g exp(z[g, c] - lse[g])`` (the log of the paper's
     eq. 1 summed over the group; dead clusters get ``-inf``), the row's histogram of cluster
     sizes over score bins (``_score_bin``, atomics), and the far-field state of all clusters
     reduced over the centroid-pass splits (program ``j`` of a row reduces head-dim slices
     ``j, j + chunks, ...``). Grid: (rows, cluster chunks)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -267,6 +269,7 @@ def _select_totals_kernel(
     BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     PARTIAL_FAR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """First half of the selection (``take_by_budget``), one chunk of a row per program: the
     row's edge bin, where the budget runs out (the first where the running size of the score
@@ -275,6 +278,7 @@ def _select_totals_kernel(
     size, clusters in it)``. ``PARTIAL_FAR``: chunk 0 also resets the row's ``MASS_TOP``
     (``-inf``) and ``BOUNDARY`` (``-1, 0, 0``), and each program clears a slice of
     ``BAND_HIST``. Grid: (rows, chunks)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     budget = tl.load(BUDGET + bh // num_kv_heads)
@@ -331,6 +335,7 @@ def _select_kernel(
     CHUNK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     PARTIAL_FAR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Second half of the selection, one chunk of a row per program: the tokens each cluster
     takes (``take_by_budget``: clusters before the edge bin whole; in it, in cluster order,
@@ -344,6 +349,7 @@ def _select_kernel(
     left (else ``-inf``), their largest (``MASS_TOP``, atomics), and ``BOUNDARY = (id, first slot,
     tokens taken)`` of the one cluster taken in part (if any), whose far-field term the exact
     pass then removes from its taken tokens. Grid: (rows, chunks)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -429,10 +435,12 @@ def _band_hist_kernel(
     bins_per_nat,
     BINS: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The count of clusters with tokens left per mass bin (``select_band``'s bins below the
     row's largest mass, ``MASS_TOP``), with atomics, many programs per row.
     Grid: (rows, cluster chunks)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     cs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     mass = tl.load(MASS + bh * num_clusters + cs, mask=cs < num_clusters, other=float("-inf"))
@@ -468,6 +476,7 @@ def _band_far_field_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The far field of a partial far field's clusters (``select_band``: the mass bins, best
     first, whose running count stays within ``FAR_COUNT``, from ``_band_hist_kernel``), one
@@ -480,6 +489,7 @@ def _band_far_field_kernel(
     ``BOUNDARY_Z`` (``-inf`` if outside the far field): the exact pass removes that cluster's
     far-field term from its taken tokens (no other selected cluster has tokens left).
     Grid: (rows, cluster chunks)."""
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
