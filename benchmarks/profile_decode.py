@@ -1,72 +1,110 @@
 """Where a whole-model decode step spends its GPU time, dense vs Multipole (torch.profiler).
 
-Explains the end-to-end numbers of ``multipole bench decode``: same model, caches and steps,
-but the steps run under the profiler and the top kernels of each method are printed.
+Explains the end-to-end numbers of ``multipole bench decode``: each method runs as there
+(same model, caches, warm-up and whole-step CUDA graphs), and the profiler records a window of
+replayed steps in the middle of the timed ones. Per method: the median step, the window's span
+per step (first kernel start to last kernel end), the kernels' summed time and count per step
+(span minus summed time is where the GPU waited between kernels; with dependent launches the
+kernels' times include their wait for the predecessor), and every kernel name's time per step.
+``--tunings`` runs Multipole once per launch tuning of :class:`multipole.fused.Tuning`, side by
+side with dense in one process.
 
-    python benchmarks/profile_decode.py --arch qwen3-8b --context 131072 --batch 16 --layers 4
+    python benchmarks/profile_decode.py --context 131072 --batch 1 --layers 36 \
+        --tunings default,dependent_launch=False --out profile.json
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
-import pstats
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from multipole import MultipoleConfig
+from multipole import fused as fused_mod
 from multipole.bench import decode as bd
+from multipole.generate import versions
+from multipole.graphs import GraphedDecoder
 
 
-def profile_method(method: str, model, s: bd.Settings, context: int, batch: int, layers: int):
-    """Top kernels (device time) of ``s.steps`` decode steps after ``s.warmup`` warm-up steps."""
-    capacity = s.capacity(context) + 2 * s.steps  # three decode calls below
+class _Window:
+    """Profiles calls ``start .. start + steps`` of every GraphedDecoder (counted per run)."""
 
-    def make_kv(layer: int):
-        return bd.synthetic_kv(
-            s.shape, batch, context, capacity, dtype=s.dtype, device=s.device, seed=layer
-        )
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps = start, steps
+        self.calls, self.prof, self.result = 0, None, None
+        self._call = GraphedDecoder.__call__
 
-    if method == "dense":
-        model.set_attn_implementation(bd.DENSE_ATTENTION)
-        cache = bd.dense_cache([make_kv(i) for i in range(layers)], context)
-    else:
-        model.set_attn_implementation("multipole")
-        cache, _ = bd.multipole_cache(s.config, make_kv, layers, context, s.device)
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=s.device)
-    with torch.no_grad():
-        bd.decode(model, cache, ids, context, steps=1, warmup=s.warmup)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed = bd.decode(model, cache, ids, context + s.warmup + 1, steps=s.steps, warmup=0)
-        host = cProfile.Profile()
-        host.enable()
-        bd.decode(model, cache, ids, context + s.warmup + 1 + s.steps, steps=s.steps, warmup=0)
-        host.disable()
-    del cache
-    bd._free(s.device)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
-    text = io.StringIO()
-    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
-    table += f"\nhost time (cProfile, {s.steps} steps), by own time:\n" + text.getvalue()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:15]
-    top = [
-        dict(name=e.key, calls=e.count, self_cuda_us=e.self_device_time_total / s.steps)
-        for e in events
-    ]
-    return dict(method=method, step_ms=timed.step_ms, top_per_step=top), table
+    def __enter__(self) -> _Window:
+        window = self
+
+        def call(decoder, *args, **kwargs):
+            n = window.calls
+            window.calls += 1
+            if n == window.start:
+                torch.cuda.synchronize()
+                window.prof = profile(activities=[ProfilerActivity.CUDA])
+                window.prof.__enter__()
+            out = window._call(decoder, *args, **kwargs)
+            if n == window.start + window.steps - 1:
+                torch.cuda.synchronize()
+                window.prof.__exit__(None, None, None)
+                window.result = _summary(window.prof, window.steps)
+            return out
+
+        GraphedDecoder.__call__ = call
+        return self
+
+    def __exit__(self, *exc) -> None:
+        GraphedDecoder.__call__ = self._call
+
+
+def _summary(prof, steps: int) -> dict:
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        entry = by_name.setdefault(e.name, [0.0, 0])
+        entry[0] += e.device_time_total
+        entry[1] += 1
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    kernels = sorted(by_name.items(), key=lambda item: -item[1][0])
+    return dict(
+        span_us_per_step=span / steps,
+        kernel_us_per_step=sum(us for us, _ in by_name.values()) / steps,
+        launches_per_step=len(events) / steps,
+        kernels=[
+            dict(name=k, us_per_step=us / steps, calls_per_step=c / steps) for k, (us, c) in kernels
+        ],
+    )
+
+
+def _tuning(text: str) -> fused_mod.Tuning:
+    """``default`` or ``field=value+...`` (ints and booleans) as a Tuning."""
+    if text == "default":
+        return fused_mod.Tuning()
+    fields = {}
+    for item in text.split("+"):
+        name, value = item.split("=")
+        fields[name] = value == "True" if value in ("True", "False") else int(value)
+    return fused_mod.Tuning(**fields)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="qwen3-8b")
     p.add_argument("--context", type=int, default=131072)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=36)
     p.add_argument("--budget", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=96, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--window", type=int, default=8, help="profiled steps, from the 70th call")
+    p.add_argument(
+        "--tunings",
+        default="default",
+        help="Multipole runs: 'default' or FIELD=VALUE+... per run, comma-separated",
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args()
     arch = bd.load_arch(a.arch)
@@ -76,22 +114,39 @@ def main() -> None:
         bd.Shape.of(arch, dtype),
         MultipoleConfig(token_budget=a.budget),
         a.steps,
-        3,
+        a.warmup,
         dtype,
         "cuda",
         0,
     )
-    bd.warm_up_kernels(s, arch["num_attention_heads"], a.context, a.batch)
     model = bd.build_model(arch, a.layers, dtype=dtype, device="cuda")
-    results = []
-    for method in ("dense", "multipole"):
-        result, table = profile_method(method, model, s, a.context, a.batch, a.layers)
-        print(f"== {method}: step ms {[round(t, 3) for t in result['step_ms']]}")
-        print(table, flush=True)
-        results.append(result)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(args=vars(a), results=results), f, indent=1)
+    bd.warm_up_kernels(s, arch["num_attention_heads"], a.context, a.batch)
+    report = dict(gpu=torch.cuda.get_device_name(0), args=vars(a), versions=versions(), runs={})
+    runs = [("dense", "dense", "default")] + [
+        (f"multipole[{t}]", "multipole", t) for t in a.tunings.split(",")
+    ]
+    try:
+        for name, method, tuning in runs:
+            fused_mod.TUNING = _tuning(tuning)
+            with _Window(min(70, a.warmup + a.steps - a.window), a.window) as window:
+                row, _ = bd.run_method(method, model, s, a.context, a.batch, a.layers)
+            r = window.result
+            report["runs"][name] = dict(
+                median_ms=row["median_ms"], mean_ms=row["mean_ms"], profile=r
+            )
+            print(
+                f"{name}: median {row['median_ms']:.3f} ms; profiled {r['span_us_per_step']:.0f}"
+                f" us per step, kernels {r['kernel_us_per_step']:.0f} us in "
+                f"{r['launches_per_step']:.0f} launches",
+                flush=True,
+            )
+            for k in r["kernels"][:20]:
+                print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f}x  {k['name'][:90]}")
+    finally:
+        fused_mod.TUNING = fused_mod.Tuning()
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ clusters only the partly taken one can have tokens left, so the exact pass remov
 term from its tokens alone (its logits written by the far-field pass, ``-inf`` when outside the
 far field): no cluster ids per token.
 
+On Hopper each kernel after the first is launched while its predecessor finishes
+(programmatic dependent launch, ``Tuning.dependent_launch``) and waits for it on the device.
+
 It computes what :class:`~multipole.MultipoleState`'s reference path computes for
 ``levels == 1`` (up to the rounding of the scores), reading the tokens of a cluster
 through a cluster-contiguous permutation of the clustered positions.
@@ -79,9 +82,8 @@ class Tuning:
     keys_only_block_n: int = 128
     # a partial far field's two kernels on a second stream, beside the expansion (on CUDA)
     band_beside_expansion: bool = True
-    # each kernel after the first launched while its predecessor finishes (Hopper or newer;
-    # off until timed on a GPU)
-    dependent_launch: bool = False
+    # each kernel after the first launched while its predecessor finishes (Hopper or newer)
+    dependent_launch: bool = True
 
     def __post_init__(self) -> None:
         tiles = ("centroid_block", "keys_only_block", "band_chunk", "select_chunk", "merge_slice")
