@@ -1,13 +1,14 @@
 """Where a whole-model decode step spends its GPU time, dense vs Multipole (torch.profiler).
 
 Explains the end-to-end numbers of ``multipole bench decode``: each method runs as there
-(same model, caches, warm-up and whole-step CUDA graphs), and the profiler records a window of
-replayed steps in the middle of the timed ones. Per method: the median step, the window's span
-per step (first kernel start to last kernel end), the kernels' summed time and count per step
-(span minus summed time is where the GPU waited between kernels; with dependent launches the
-kernels' times include their wait for the predecessor), and every kernel name's time per step.
-``--tunings`` runs Multipole once per launch tuning of :class:`multipole.fused.Tuning`, side by
-side with dense in one process.
+(same model, caches, warm-up and whole-step CUDA graphs), and the profiler records ``--window``
+replayed steps in the middle of the timed ones. Per method: the median and mean step of the
+timed steps outside the window (the profiler slows the window's), whether an online update fell
+in the window, the window's span per step (first kernel start to last kernel end), the
+kernels' summed time and count per step (span minus summed time is where the GPU waited
+between kernels; with dependent launches a kernel's time includes its wait for the
+predecessor), and every kernel name's time per step. ``--tunings`` runs Multipole once per
+launch tuning of :class:`multipole.fused.Tuning`, side by side with dense in one process.
 
     python benchmarks/profile_decode.py --context 131072 --batch 1 --layers 36 \
         --tunings default,dependent_launch=False --out profile.json
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -58,6 +60,8 @@ class _Window:
 
     def __exit__(self, *exc) -> None:
         GraphedDecoder.__call__ = self._call
+        if self.prof is not None and self.result is None:  # a step in the window raised
+            self.prof.__exit__(None, None, None)
 
 
 def _summary(prof, steps: int) -> dict:
@@ -99,7 +103,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=96, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--window", type=int, default=8, help="profiled steps, from the 70th call")
+    p.add_argument("--window", type=int, default=8, help="profiled steps, mid-way")
     p.add_argument(
         "--tunings",
         default="default",
@@ -125,19 +129,30 @@ def main() -> None:
     runs = [("dense", "dense", "default")] + [
         (f"multipole[{t}]", "multipole", t) for t in a.tunings.split(",")
     ]
+    if not 0 < a.window < a.steps:
+        raise SystemExit(f"--window: expected 1 to {a.steps - 1} steps (< --steps), got {a.window}")
+    first = (a.steps - a.window) // 2  # the window's first timed step
     try:
         for name, method, tuning in runs:
             fused_mod.TUNING = _tuning(tuning)
-            with _Window(min(70, a.warmup + a.steps - a.window), a.window) as window:
-                row, _ = bd.run_method(method, model, s, a.context, a.batch, a.layers)
+            with _Window(a.warmup + first, a.window) as window:
+                row, decoded = bd.run_method(method, model, s, a.context, a.batch, a.layers)
             r = window.result
+            if r is None:
+                raise RuntimeError(f"{name}: the profiled window was never reached")
+            in_window = range(first, first + a.window)
+            outside = [t for i, t in enumerate(decoded.step_ms) if i not in in_window]
             report["runs"][name] = dict(
-                median_ms=row["median_ms"], mean_ms=row["mean_ms"], profile=r
+                median_ms=statistics.median(outside),
+                mean_ms=statistics.fmean(outside),
+                graph_steps=row["graph_steps"],
+                update_in_window=any(i in in_window for i in decoded.update_steps),
+                profile=r,
             )
             print(
-                f"{name}: median {row['median_ms']:.3f} ms; profiled {r['span_us_per_step']:.0f}"
-                f" us per step, kernels {r['kernel_us_per_step']:.0f} us in "
-                f"{r['launches_per_step']:.0f} launches",
+                f"{name}: median {statistics.median(outside):.3f} ms; profiled "
+                f"{r['span_us_per_step']:.0f} us per step, kernels "
+                f"{r['kernel_us_per_step']:.0f} us in {r['launches_per_step']:.0f} launches",
                 flush=True,
             )
             for k in r["kernels"][:20]:

@@ -42,7 +42,7 @@ VARIANTS = {
     "select256": dict(select_chunk=256),
     "select1024": dict(select_chunk=1024),
     "one_stream": dict(band_beside_expansion=False),
-    "dependent_launch": dict(dependent_launch=True),
+    "plain_launch": dict(dependent_launch=False),
 }
 KMEANS_VARIANTS = {
     "default": {},

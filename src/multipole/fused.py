@@ -365,8 +365,9 @@ def fused_decode(
         buf = layout.buffer
         partial = replacement and far_count is not None
         full_far = replacement and not partial  # the far field of every cluster, from pass 1
-        # programmatic dependent launch for a kernel that follows another of this step in its
-        # stream (each waits for its predecessor before reading; not after a fork or a join)
+        # programmatic dependent launch for a kernel whose one predecessor is a kernel of this
+        # step in its stream (each waits for it before reading): not the second stream's first
+        # kernel, nor the first after the join
         chained = (
             dict(PDL=True, launch_pdl=True)
             if tune.dependent_launch and dependent_launch_supported(dev)
@@ -529,7 +530,7 @@ def fused_decode(
         # at the same time on a second stream, joined before the exact pass (a fork and a join in
         # a captured CUDA graph).
         side = _side_stream(dev) if partial and tune.band_beside_expansion else None
-        after_join = {} if side is not None else chained  # the first kernel after a fork or join
+        after_join = {} if side is not None else chained  # a kernel after a cross-stream wait
         if partial:
             band_members = buf("band_members", (rows, num_clusters), i32)
             if side is not None:

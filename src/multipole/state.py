@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,7 +39,8 @@ class AttendStats:
             KV head).
         centroids_scored: centroids (all levels) or page summaries read, mean per KV head.
         bytes_read: bytes of keys, values, centroids and metadata read, whole batch.
-        dense_bytes: bytes of keys and values a dense step reads, whole batch.
+        dense_bytes: bytes of keys and values a dense step reads, whole batch, at the
+            current lengths (after an ``append``: one step later than the rest).
     """
 
     tokens_exact: float
@@ -552,6 +553,13 @@ class MultipoleState(DecodeState):
 
     def _after_advance(self) -> None:
         if self._fused is not None:  # refreshed at once: a captured step reads it next
+            if self._reads is not None:  # the last attend's counts, before the layout moves on
+                r = self._reads
+                self._reads = replace(
+                    r,
+                    centroids_scored=r.centroids_scored.clone(),
+                    metadata_bytes=r.metadata_bytes.clone(),
+                )
             self._layout()
 
     def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:

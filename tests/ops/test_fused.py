@@ -108,6 +108,25 @@ def test_fused_follows_appends_and_online_updates(gen, kernel_device, share):
         assert torch.equal(state._reads.tokens_exact.cpu(), ref_tokens.to(torch.int32))
 
 
+def test_stats_after_an_updating_append_describe_the_last_attend(gen, kernel_device):
+    """The layout is written in place at an online update; ``stats()`` read before the next
+    attend still reports what the last attend read (not the new index's centroid counts)."""
+    device = kernel_device
+    k, v = _planted(gen, 1, 2, 600, 32, torch.float32)
+    state = MultipoleState.prefill(
+        k.to(device), v.to(device), dataclasses.replace(BASE, backend="triton")
+    )
+    state.attend(torch.randn(1, 8, 32, generator=gen).to(device))
+    before = state.stats()
+    clustered = list(state.clustered_len)
+    while state.clustered_len == clustered:  # one token at a time, up to the next update
+        state.append(*(t.to(device) for t in _planted(gen, 1, 2, 1, 32, torch.float32)))
+    after = state.stats()
+    assert dataclasses.replace(after, dense_bytes=before.dense_bytes) == before
+    state.attend(torch.randn(1, 8, 32, generator=gen).to(device))
+    assert state.stats().centroids_scored > before.centroids_scored  # the update's clusters
+
+
 def _same_layout(layout, fresh) -> None:
     """``layout`` (with room) holds what ``fresh`` (just built) holds: clusters, their order of
     positions, lengths and budgets; its clusters past ``fresh``'s are empty."""
@@ -226,8 +245,8 @@ def test_a_captured_step_replays_the_eager_step(gen, share, monkeypatch):
     """The step captured as a CUDA graph (with a partial far field, a fork to a second stream
     and a join; each kernel launched while its predecessor finishes, on Hopper) replays, bit
     for bit, what the eager step computes on one stream with plain and with dependent
-    launches, for new query values each time; large enough that the second stream's kernels
-    still run while the expansion does."""
+    launches, and on two streams with dependent launches, for new query values each time;
+    large enough that the second stream's kernels still run while the expansion does."""
     from multipole import fused
     from multipole.bench.kernels import graph_of
 
@@ -244,8 +263,9 @@ def test_a_captured_step_replays_the_eager_step(gen, share, monkeypatch):
     for _ in range(3):
         q.copy_(torch.randn(4, 8, 128, generator=gen) * 2)
         replay()
-        for eager in (dict(dependent_launch=False), dict(dependent_launch=True)):
-            monkeypatch.setattr(fused, "TUNING", fused.Tuning(band_beside_expansion=False, **eager))
+        for streams, dependent in ((False, False), (False, True), (True, True)):
+            eager = fused.Tuning(band_beside_expansion=streams, dependent_launch=dependent)
+            monkeypatch.setattr(fused, "TUNING", eager)
             assert torch.equal(out, state.attend(q))
         assert out.isfinite().all() and not torch.equal(out, previous)  # the new query's
         previous = out.clone()

@@ -38,17 +38,20 @@ def native_dot(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and not interpreting()
 
 
-@functools.cache
 def dependent_launch_supported(device: torch.device) -> bool:
     """Kernels on ``device`` can be launched before the previous one of their stream has
-    finished (programmatic dependent launch: CUDA on Hopper or newer; not the interpreter), so
-    that a chain of short kernels overlaps each launch with the previous kernel's tail."""
-    return (
-        gdc_wait is not None
-        and device.type == "cuda"
-        and not interpreting()
-        and torch.cuda.get_device_capability(device)[0] >= 9
-    )
+    finished (programmatic dependent launch: CUDA on Hopper or newer; not ROCm, not the
+    interpreter), so that a chain of short kernels overlaps each launch with the previous
+    kernel's tail."""
+    if gdc_wait is None or device.type != "cuda" or torch.version.hip or interpreting():
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _compute_capability(index)[0] >= 9
+
+
+@functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 if triton is not None:
