@@ -585,6 +585,49 @@ def test_dependent_launch_only_on_a_gpu_that_has_it():
         assert dependent_launch_supported(torch.device("cuda", 0)) == expected
 
 
+_COMPILE_FOR_HOPPER = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from multipole.ops.decode.kernel import _merge_kernel
+
+constants = dict(HEAD_DIM=128, BLOCK_G=4, BLOCK_D=16, SPLIT_PAD=64, SPLIT_CHUNK=16, WITH_FAR=True)
+constants["PDL"] = sys.argv[1] == "1"
+names = _merge_kernel.arg_names
+signature = {
+    n: "constexpr" if n in constants else ("*fp32" if n.isupper() else "i32") for n in names
+}
+constexprs = {(names.index(k),): v for k, v in constants.items()}
+source = ASTSource(_merge_kernel, signature, constexprs=constexprs)
+options = dict(launch_pdl=constants["PDL"])
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+print(" ".join(line.split()[0] for line in ptx.splitlines() if "griddepcontrol" in line))
+"""
+
+
+def test_dependent_launch_compiles_to_grid_dependency_instructions():
+    """Compiled for Hopper (no GPU needed; in a process without the interpreter), a kernel of
+    the chain with ``PDL`` waits for its predecessor and then releases its successor, and
+    without ``PDL`` does neither."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+
+    def instructions(pdl: bool) -> list[str]:
+        args = [sys.executable, "-c", _COMPILE_FOR_HOPPER, "1" if pdl else "0"]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert instructions(True) == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
+    assert instructions(False) == []
+
+
 def test_tuning_rejects_tiles_that_are_not_powers_of_two():
     from multipole import fused
 
