@@ -177,3 +177,31 @@ def test_dense_layer_writes_each_row_at_its_length_and_attends_its_prefix(gen):
     k, v = (t[:, : n + 1].transpose(1, 2) for t in layer.buffers)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+def test_git_revision_marks_a_checkout_with_changes(tmp_path):
+    """Reports name the commit that made them, ``+dirty`` when tracked files changed, and
+    ``unknown`` outside a checkout."""
+    import shutil
+    import subprocess
+
+    from multipole.bench import git_revision
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    assert git_revision(tmp_path) == "unknown"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    sha = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert git_revision(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path) == f"{sha}+dirty"

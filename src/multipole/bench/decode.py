@@ -43,7 +43,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from ..generate import parse_budget, sync, versions
 from ..graphs import GraphedDecoder
 from ..hf import MultipoleCache, MultipoleLayer
 from ..state import MultipoleState
+from . import git_revision
 
 ARCHS_DIR = Path(__file__).with_name("archs")
 MEMORY_FRACTION = 0.85  # of the free GPU memory, for weights, caches and workspace
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         note="a truncated model keeps the full embedding and LM head: its speed-up "
         "understates the full model's",
         versions=versions(),
-        git_sha=_git_sha(),
+        git_sha=git_revision(),
         utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         command=" ".join(command),
     )
@@ -932,19 +932,6 @@ def _say(bar, message: str) -> None:
 def _write(path: str, report: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        )
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

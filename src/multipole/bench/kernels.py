@@ -32,7 +32,6 @@ import functools
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from multipole import MultipoleConfig, MultipoleState, fused
+from multipole.bench import git_revision
 
 H_Q, H_KV, HEAD_DIM = 32, 8, 128
 # Peak memory of one configuration per byte of its keys and values (bf16), and beyond them:
@@ -415,14 +415,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.tuning:
         apply_tuning(args.tuning)
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     meta = dict(
         gpu=torch.cuda.get_device_name(0),
         torch=torch.__version__,
         triton=triton.__version__,
-        git_sha=sha or "unknown",
+        git_sha=git_revision(),
         utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         command=" ".join(
             ["multipole", "bench", "kernels", *(argv if argv is not None else sys.argv[1:])]
