@@ -301,7 +301,7 @@ def test_graphed_online_updates_equal_eager_updates(gen, monkeypatch, variant):
     h, d, dtype = 2, 64, torch.bfloat16
     lengths = [180, 171] if variant == "plain" else [180, 164]
     state, twin = _prefill_pair(gen, cfg, lengths, 200, h, d, dtype, "cuda", cluster=True)
-    twin.index._update_graphs.enabled = False
+    twin.index.update_graphs.enabled = False
     updates = 0
     for i in range(6 * cfg.interval):
         if variant == "plain" and i == 3 * cfg.interval:
@@ -325,13 +325,46 @@ def test_graphed_online_updates_equal_eager_updates(gen, monkeypatch, variant):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
                     continue
                 assert (a is None and b is None) or torch.equal(a, b), name
-    graphs = state.index._update_graphs
+    graphs = state.index.update_graphs
     assert state._keys.shape[2] > 200 and updates >= 6
     assert graphs.enabled and graphs.captures >= 2  # the first update, then the growths
     assert graphs.captures + graphs.replays == updates and graphs.replays >= 2
     if variant == "plain":
         assert len(graphs._graphs) == 2  # one sequence's metadata, then both sequences'
-    assert twin.index._update_graphs.captures == 0
+    assert twin.index.update_graphs.captures == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_replayed_layout_refreshes_equal_eager_ones(gen, share):
+    """After each online update the kernels' layout is refreshed from a CUDA graph (captured
+    at the first refresh after its build) and holds what an eager refresh writes, bit for
+    bit: order, centroids, sizes, offsets, live counts, lengths, budgets and the cached counts
+    (a partial far field caches its clusters per row); the attends agree exactly."""
+    cfg = dataclasses.replace(GPU_CFG, far_field_share=share)
+    h, group, d, dtype = 2, 4, 64, torch.bfloat16
+    state, twin = _prefill_pair(gen, cfg, [180, 180], 400, h, d, dtype, "cuda")
+    twin.index.update_graphs.enabled = False  # its layout refreshes eagerly too
+    updates = 0
+    for _ in range(5 * cfg.interval):
+        k, v, _, q, _ = _cuda_inputs(gen, 2, h, group, d, dtype)
+        before = list(state.clustered_len)
+        outs = []
+        for s in (state, twin):
+            s.append(k, v)
+            outs.append(s.attend(q))
+        updates += state.clustered_len != before
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    a, b = state._fused, twin._fused
+    fields = ("key_centroids", "value_centroids", "sizes", "offsets", "order", "live")
+    for name in (*fields, "clustered_len", "budget"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.workspace.keys() == b.workspace.keys() and len(a.workspace) >= 1
+    for name in a.workspace:
+        assert torch.equal(a.workspace[name], b.workspace[name]), name
+    assert updates == 5 and (a.lengths, a.budgets) == (b.lengths, b.budgets)
+    assert (a.graphs.captures, a.graphs.replays) == (1, updates - 1)
+    assert (b.graphs.captures, b.graphs.replays) == (0, 0)
 
 
 @pytest.mark.gpu

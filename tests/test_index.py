@@ -201,10 +201,10 @@ def test_a_copied_state_drops_the_update_graphs(gen):
     stores): the copy starts with none, graphs still on, and updates like the original."""
     k = torch.randn(1, 2, 300, 16, generator=gen)
     state = MultipoleState.prefill(k, k, CFG)
-    graphs = state.index._update_graphs
+    graphs = state.index.update_graphs
     graphs._graphs[torch.Size([14, 2])] = ((), _Uncopyable(), None)
     twin = copy.deepcopy(state)
-    assert twin.index._update_graphs._graphs == {} and twin.index._update_graphs.enabled
+    assert twin.index.update_graphs._graphs == {} and twin.index.update_graphs.enabled
     assert graphs._graphs  # the original keeps its own
     graphs._graphs.clear()
     new = torch.randn(1, 2, 2 * CFG.interval, 16, generator=gen)

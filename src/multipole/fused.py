@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .index import ClusterIndex, take_rows_
+from .index import ClusterIndex, UpdateGraphs, take_rows_
 from .ops.kernel_utils import dependent_launch_supported, native_dot
 from .ops.lookup.reference import BINS, BINS_PER_NAT
 
@@ -132,6 +132,7 @@ class FusedLayout:
     workspace: dict[str, torch.Tensor] = field(default_factory=dict)
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)
     _makers: dict[str, Callable[[FusedLayout], torch.Tensor]] = field(default_factory=dict)
+    graphs: UpdateGraphs = field(default_factory=UpdateGraphs)  # the refresh (CUDA graphs)
 
     def cached(self, name: str, make: Callable[[FusedLayout], torch.Tensor]) -> torch.Tensor:
         """``make(self)``, computed once per layout and again in place at each :meth:`refresh`
@@ -194,7 +195,9 @@ class FusedLayout:
             max_budget=max(budget_of(n + room_tokens) for n in clustered_len),
             scratch=index.fused_scratch,
         )
-        fits = layout.refresh(index, clustered_len, [budget_of(n) for n in clustered_len])
+        layout.graphs.enabled = index.update_graphs.enabled
+        budgets = [budget_of(n) for n in clustered_len]
+        fits = layout.refresh(index, clustered_len, budgets, graphed=False)
         assert fits, "a new layout holds its own index"
         return layout
 
@@ -204,31 +207,61 @@ class FusedLayout:
         clustered_len: list[int],
         budgets: list[int],
         rows: Sequence[int] | None = None,
+        graphed: bool = True,
     ) -> bool:
         """Write ``index`` (and the lengths and budgets) into this layout in place, on the
         device (no sync); False, with nothing written, if they no longer fit: more clusters,
         a longer clustered region or a larger budget than the layout has room for.
 
         ``rows``: the sequences whose clusters changed (None: all). A ragged batch updates
-        its rows at different steps; each update then sorts its own rows' labels only."""
-        level, sink = index.level0, index.config.sink_tokens
+        its rows at different steps; each update then sorts its own rows' labels only.
+        ``graphed``: on CUDA, a refresh of every row runs as a CUDA graph (some 25
+        operations, whose launches took the host longer than the GPU took to run them),
+        captured at its first run and replayed at the layout's later refreshes (its key:
+        the index stores' addresses and the cached counts' names)."""
+        level = index.level0
         clusters, positions = self.sizes.shape[-1], self.order.shape[-1]
         if (
             max(level.count) > clusters
-            or sink + max(clustered_len) > positions
+            or index.config.sink_tokens + max(clustered_len) > positions
             or max(budgets) > self.max_budget
         ):
             return False
+        batch = self.sizes.shape[0]
+        every_row = rows is None or 2 * len(rows) > batch
+        # a few rows are sorted one at a time (views: no index tensor to copy to the device)
+        parts = [slice(None)] if every_row else [slice(r, r + 1) for r in sorted(set(rows))]
+        host = torch.tensor([clustered_len, budgets], dtype=torch.int64)
+        self.lengths, self.budgets = list(clustered_len), list(budgets)
+
+        def write(lengths: torch.Tensor) -> None:
+            self._write(index, parts, lengths)
+
+        device = self.sizes.device
+        if device.type != "cuda":
+            write(host)
+            return True
+        host = host.pin_memory()  # copied without a host wait
+        with torch.cuda.device(device):
+            if not (graphed and every_row) or torch.cuda.is_current_stream_capturing():
+                write(host.to(device, non_blocking=True))
+                return True
+            stores = (index.labels, level.key_centroids, level.value_centroids, level.sizes)
+            key = (tuple(t.data_ptr() for t in stores), tuple(self._makers))
+            self.graphs.run(host.shape, key, host, write, device)
+        return True
+
+    def _write(self, index: ClusterIndex, parts: list[slice], lengths: torch.Tensor) -> None:
+        """:meth:`refresh`'s device work: ``parts`` of the batch's rows sorted and copied,
+        then the offsets, live counts, cached counts and ``lengths`` ([2, B]: clustered
+        lengths, budgets) of every row."""
+        level = index.level0
+        clusters, positions = self.sizes.shape[-1], self.order.shape[-1]
         # the narrowest sort key that holds every cluster id and "outside" (after them): a
         # radix sort's passes scale with the key's bytes
         key_dtype = torch.int16 if clusters < torch.iinfo(torch.int16).max else torch.int32
         # clusters past the index's count have size 0 in its stores too
         width = min(clusters, level.sizes.shape[-1])
-        batch = self.sizes.shape[0]
-        if rows is None or 2 * len(rows) > batch:
-            parts = [slice(None)]
-        else:  # a few rows, one at a time (views: no index tensor to copy to the device)
-            parts = [slice(r, r + 1) for r in sorted(set(rows))]
         for part in parts:
             labels = index.labels[part, :, :positions]
             keys = labels.to(key_dtype).masked_fill(labels < 0, torch.iinfo(key_dtype).max)
@@ -239,15 +272,10 @@ class FusedLayout:
         torch.cumsum(self.sizes, -1, out=self.offsets)
         self.offsets -= self.sizes
         torch.sum(self.sizes > 0, -1, out=self.live)
-        host = torch.tensor([clustered_len, budgets], dtype=torch.int64)
-        if self.live.is_cuda:
-            host = host.pin_memory()  # copied without a host wait
-        self.clustered_len.copy_(host[0], non_blocking=True)
-        self.budget.copy_(host[1], non_blocking=True)
+        self.clustered_len.copy_(lengths[0])
+        self.budget.copy_(lengths[1])
         for name, make in self._makers.items():
             self.workspace[name].copy_(make(self))
-        self.lengths, self.budgets = list(clustered_len), list(budgets)
-        return True
 
 
 @functools.lru_cache(maxsize=8)

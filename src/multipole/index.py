@@ -98,14 +98,18 @@ class _Blocks:
     max_coarse: int
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[int, ...]], device) -> _Blocks:
+    def from_rows(cls, rows: list[tuple[int, ...]], device: torch.device) -> _Blocks:
         cols = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 9)
-        if device is not None and torch.device(device).type == "cuda":
+        if device.type == "cuda":
             cols = cols.pin_memory().to(device, non_blocking=True)  # asynchronous: no wait
-        elif device is not None:
-            cols = cols.to(device)  # (None: only the host-side maxima are needed)
-        return cls(
-            *cols.unbind(1),
+        else:
+            cols = cols.to(device)
+        return cls(*cols.unbind(1), **_Blocks.maxima(rows))
+
+    @staticmethod
+    def maxima(rows: list[tuple[int, ...]]) -> dict[str, int]:
+        """The ``max_*`` fields of the blocks of ``rows`` (host integers only)."""
+        return dict(
             max_tokens=max(r[2] for r in rows),
             max_clusters=max(r[6] for r in rows),
             max_new_clusters=max(r[6] - r[5] for r in rows),
@@ -148,7 +152,7 @@ class ClusterIndex:
         )
         # scratch buffers of the fused decode step, kept across the layouts of this index
         self.fused_scratch: dict[str, torch.Tensor] = {}
-        self._update_graphs = _UpdateGraphs()
+        self.update_graphs = UpdateGraphs()
 
     def select_sequences(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         """Row ``i`` becomes a copy of row ``rows[i]`` (in place; see
@@ -253,17 +257,18 @@ class ClusterIndex:
     ) -> None:
         if not rows:
             return
-        device = self.labels.device
         kernels = self._kernels(cluster_keys)
-        blocks = _Blocks.from_rows(rows, None if kernels and self.level1 is None else device)
+        # the block tensors (on the device) serve the PyTorch fits only
+        tensors = not kernels or self.level1 is not None
+        blocks = _Blocks.from_rows(rows, self.labels.device) if tensors else None
         self.level0.reserve(max(self.level0.count))
         if kernels:
-            self._fit_level0_kernels(
-                rows, blocks, cluster_keys, values, attention_keys, iters, update
-            )
+            self._fit_level0_kernels(rows, cluster_keys, values, attention_keys, iters, update)
         else:
+            assert blocks is not None
             self._fit_level0(blocks, cluster_keys, values, attention_keys, iters)
         if self.level1 is not None:
+            assert blocks is not None
             self.level1.reserve(max(self.level1.count))
             self.parent = grow(self.parent, 2, self.level0.sizes.shape[-1], -1)
             self._fit_level1(blocks)
@@ -281,7 +286,6 @@ class ClusterIndex:
     def _fit_level0_kernels(
         self,
         rows: list[tuple[int, ...]],
-        blocks: _Blocks,
         cluster_keys: torch.Tensor,
         values: torch.Tensor,
         attention_keys: torch.Tensor | None,
@@ -295,7 +299,7 @@ class ClusterIndex:
         An online ``update`` sizes its work by capacities (the open block's most tokens and
         clusters, ``interval`` new tokens) rather than by this update's sizes, so that every
         update of the same sequences is the same work on other metadata: on CUDA it is one
-        CUDA graph (:class:`_UpdateGraphs`), replayed after the metadata's copy."""
+        CUDA graph (:class:`UpdateGraphs`), replayed after the metadata's copy."""
         from .ops.kmeans import kernel as km
 
         cfg, h, level = self.config, self.num_kv_heads, self.level0
@@ -337,17 +341,18 @@ class ClusterIndex:
                         ),  # 14, 15 attention-key rows and centroids
                     )
                 )
-        meta = torch.tensor(table, dtype=torch.int64).t().contiguous()
+        meta = torch.tensor(list(zip(*table, strict=True)), dtype=torch.int64)
+        most = _Blocks.maxima(rows)
         if update:
             n_max = min(cfg.block_size, self.labels.shape[2])
             k_max, width = cfg.clusters_for(n_max), cfg.interval
             new_clusters = min(width, k_max)
-            assert blocks.max_tokens <= n_max and blocks.max_clusters <= k_max
-            assert blocks.max_new_tokens <= width and blocks.max_new_clusters <= new_clusters
+            assert most["max_tokens"] <= n_max and most["max_clusters"] <= k_max
+            assert most["max_new_tokens"] <= width and most["max_new_clusters"] <= new_clusters
         else:
-            n_max, k_max = blocks.max_tokens, blocks.max_clusters
-            width = max(1, blocks.max_new_tokens)
-            new_clusters = max(1, min(blocks.max_new_clusters, width))
+            n_max, k_max = most["max_tokens"], most["max_clusters"]
+            width = max(1, most["max_new_tokens"])
+            new_clusters = max(1, min(most["max_new_clusters"], width))
 
         separate = len(stores) > 5  # attention-key centroids of their own
 
@@ -393,7 +398,7 @@ class ClusterIndex:
                 return
             sizing = (n_max, k_max, width, new_clusters, iters, cluster_keys.dtype, cfg)
             addresses = tuple(t.data_ptr() for t in (*stores, level.sizes))
-            self._update_graphs.run(meta.shape, (sizing, addresses), meta, fit, device)
+            self.update_graphs.run(meta.shape, (sizing, addresses), meta, fit, device)
 
     def _fit_level0(
         self,
@@ -542,25 +547,25 @@ class ClusterIndex:
 GROW_MIN = 1024  # slots added at least per growth
 
 
-class _UpdateGraphs:
-    """Online updates of one index as CUDA graphs, one per metadata shape (the number of
-    sequences updated together): an update is a few dozen launches, which the host takes
-    longer to issue than the GPU to run. A graph bakes in its sizes, the config and the
-    addresses of the stores it reads and writes (its key): when one of them changes (a store
-    reallocated) the update is captured again. Replays run on the stream current at the call;
-    the graphs of every index on one device and stream share their scratch, so updates must
-    not run concurrently on one stream's pool from two threads. If a capture fails, updates
-    run eagerly from then on (with a warning)."""
+class UpdateGraphs:
+    """Work that online updates repeat, as CUDA graphs, one per metadata shape: an index's
+    k-means (one graph per number of sequences updated together) or a kernel layout's refresh.
+    Each is a few dozen launches, which the host takes longer to issue than the GPU to run. A
+    graph bakes in its sizes, the config and the addresses of the stores it reads and writes
+    (its key): when one of them changes (a store reallocated) the work is captured again.
+    Replays run on the stream current at the call; the graphs on one device and stream share
+    their scratch, so they must not run concurrently on one stream's pool from two threads.
+    If a capture fails, the work runs eagerly from then on (with a warning)."""
 
     def __init__(self) -> None:
         self._graphs: dict[torch.Size, tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: _Pool | None = None  # the shared pool, held while this index has graphs
+        self._pool: _Pool | None = None  # the shared pool, held while there are graphs
         self.enabled = True
         self.captures = self.replays = 0
 
-    def __deepcopy__(self, memo: dict) -> _UpdateGraphs:
+    def __deepcopy__(self, memo: dict) -> UpdateGraphs:
         """A copy (of a copied index) starts with no graph: these write the original's stores."""
-        copy = _UpdateGraphs()
+        copy = UpdateGraphs()
         copy.enabled = self.enabled
         return copy
 

@@ -150,12 +150,15 @@ def test_kernel_lloyd_matches_the_reference(gen, kernel_device):
         assert int(labels[i].max()) < k and float(sizes[i, k:].sum()) == 0
 
 
-def test_kernel_assignment_is_nearest(gen, kernel_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_assignment_is_nearest(gen, kernel_device, dtype):
+    """Labels and squared distances against the float32 reference on the same (rounded)
+    points; 16-bit points meet the centroids in two 16-bit parts."""
     from multipole.ops.kmeans import kernel as km
 
     device = kernel_device
-    pts, x, w, kc, _ = _ragged(gen, device)
-    cent = torch.randn(3, 20, 16, generator=gen)
+    pts, x, w, kc, _ = _ragged(gen, device, dtype)
+    cent = torch.randn(3, 20, 16, generator=gen) * 3.0  # not representable in 16 bits
     labels, sqd = km.assign(pts, cent.to(device), kc.to(device, torch.int32))
     labels, sqd = labels.long().cpu(), sqd.cpu()
     nearest, ref_sqd = assign(x, cent, torch.arange(20) < kc[:, None])
@@ -168,6 +171,32 @@ def test_kernel_assignment_is_nearest(gen, kernel_device):
     assert (labels[valid] < kc[:, None].expand_as(labels)[valid]).all()
     assert (dist(labels)[valid] <= dist(nearest)[valid] + 1e-4).all()  # ties may differ
     torch.testing.assert_close(sqd[valid], ref_sqd[valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_split_centroids_keep_about_16_bits(gen, kernel_device, dtype):
+    """The assignment's operands: hi + lo within 2^-15 of each fp32 centroid (one 16-bit
+    number: 2^-8 for bfloat16; float16's lo part is subnormal below 2^-14: 2^-24 apart),
+    squared norms of the fp32 centroids."""
+    from multipole.ops.kmeans import kernel as km
+
+    rows, d = 70, 24  # two programs of SPLIT_ROWS, the last partly full; d not a power of 2
+    c = torch.randn(rows, d, generator=gen) * torch.logspace(-2, 2, rows).unsqueeze(1)
+    c_dev = c.to(kernel_device)
+    hi, lo = (torch.full((rows, d), float("nan"), dtype=dtype, device=kernel_device) for _ in "ab")
+    c_sq = torch.full((rows,), float("nan"), device=kernel_device)
+    km._split_kernel[(triton_cdiv(rows, km.SPLIT_ROWS),)](
+        c_dev, hi, lo, c_sq, rows, HEAD_DIM=d, BLOCK_R=km.SPLIT_ROWS, BLOCK_D=32, SPLIT=True
+    )
+    both = hi.cpu().float() + lo.cpu().float()
+    floor = 2.0**-24 if dtype == torch.float16 else 0.0
+    assert ((both - c).abs() <= c.abs() * 2.0**-15 + floor).all()
+    assert ((hi.cpu().float() - c).abs() > c.abs() * 2.0**-12).any()  # one part alone is not
+    torch.testing.assert_close(c_sq.cpu(), c.square().sum(-1), rtol=1e-6, atol=0)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def test_kernel_reseeds_empty_clusters_and_means_of_values(gen, kernel_device):

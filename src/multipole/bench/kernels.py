@@ -212,7 +212,7 @@ def _update_times(graphed: bool, updates: int = 5) -> dict[str, float]:
     for _ in range(2):  # the first state compiles every kernel
         state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], MultipoleConfig(backend="triton"))
         state._reserve_tokens(k.shape[2])  # no cache growth inside the timed updates
-        state.index._update_graphs.enabled = graphed
+        state.index.update_graphs.enabled = graphed
         state.attend(q)
         pos, rows = n, []
         for _ in range(updates):
@@ -238,7 +238,7 @@ def _update_times(graphed: bool, updates: int = 5) -> dict[str, float]:
         update_ms=statistics.median(r[1] for r in rest),
         host_ms=statistics.median(r[0] for r in rest),
         update_plus_one_step_ms=statistics.median(r[2] for r in rest),
-        replays=state.index._update_graphs.replays,
+        replays=state.index.update_graphs.replays,
     )
 
 
@@ -431,7 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     meta["tuning"] = dict(
         fused=dataclasses.asdict(fused.TUNING),
         kmeans={
-            n: getattr(km, n) for n in ("BLOCK_N", "BLOCK_K", "ASSIGN_BLOCK_N", "ASSIGN_BLOCK_K")
+            n: getattr(km, n)
+            for n in (
+                *("BLOCK_N", "BLOCK_K", "SCAN", "ACCUMULATE_WARPS"),
+                *("ASSIGN_BLOCK_N", "ASSIGN_BLOCK_K", "ASSIGN_STAGES", "WARPS"),
+            )
         },
     )
     rows = []

@@ -5,7 +5,8 @@ first ``num_points[g]`` points are valid), computed in fp32 from points read str
 cache (``X + base[g] + i * D``, no gathered copy):
 
 - ``_assign_kernel``: nearest active centroid of every point (``argmin ||c||^2 - 2 x.c``, ties
-  to the lower index) and its squared distance, one program per tile of points;
+  to the lower index) and its squared distance, one program per tile of points, from the
+  centroids' norms and (16-bit points) their two 16-bit parts, made by ``_split_kernel``;
 - ``_accumulate_kernel``: per-cluster sums and counts as a one-hot matrix product (exact 0/1
   weights, fp32 accumulation), split over programs by cluster tiles and point ranges; each
   program scans its range ``SCAN`` labels at a time, lists its tile's members among them (a
@@ -19,8 +20,9 @@ cache (``X + base[g] + i * D``, no gathered copy):
 - ``_init_kernel``: initial centroids from kept centroids and seed points;
 - ``_priority_kernel``: the seeding priority ``hash_uniform(seed, head, position)`` (bit-exact).
 
-Results may differ from the reference in ties and rounding (the assignment's dot products
-run on tensor cores in tf32 for 16-bit caches); the invariants hold exactly: labels come from
+Results may differ from the reference in ties and rounding (for 16-bit caches the assignment's
+dot products run on tensor cores, the centroids in two 16-bit parts: about 16 mantissa bits
+where tf32 keeps 10); the invariants hold exactly: labels come from
 one assignment, centroids are the member means of the returned labels, sizes their histogram.
 """
 
@@ -33,16 +35,21 @@ import triton.language as tl
 from ..kernel_utils import interpreting
 
 BLOCK_N = 64  # points per tile of the accumulation
-SCAN = 1024  # labels per step of the accumulation's member listing
 # H100, 8 heads x 8320 bf16 points x 520 clusters (a little above an online update's largest,
-# 8192 points and 512 clusters; NOTES_kernels.md Round 9): accumulation 57 us at 32 clusters
-# per tile, 68 at 64, 88 at 128; prefill at 128K 19.7-20.5 ms per layer at 32 or 64 (within
-# the runs' spread), 22.9 at 128; assignment 84 us at 256 points x 64 clusters (8 warps),
-# 89-107 at the other 8-warp tiles that fit (101 at the old 128 x 32), 129-195 at 4 warps
+# 8192 points and 512 clusters; NOTES_kernels.md Rounds 9 and 12): accumulation 46 us at 32
+# clusters per tile, 2048-label scan steps, 4 warps and 2 point splits (71 at 1024, 8 warps,
+# 1 split; 49-65 at the other splits and warps); at a 128K prefill's 128 groups of 8192 points
+# 437 us (641 before). Assignment with split centroids 65 us at 128 points x 64 clusters, 8
+# warps, no pipelining (70-83 at the other tiles; one tf32 product at 256 x 64: 84), 823 us at
+# the prefill's groups (1056)
+SCAN = 2048  # labels per step of the accumulation's member listing
 BLOCK_K = 32  # clusters per tile of the accumulation
-ASSIGN_BLOCK_N = 256  # points per program of the assignment
+ACCUMULATE_WARPS = 4
+ASSIGN_BLOCK_N = 128  # points per program of the assignment
 ASSIGN_BLOCK_K = 64  # clusters per tile of the assignment
-WARPS = 8
+ASSIGN_STAGES = 1  # software pipelining of the assignment's centroid loads (1: none)
+SPLIT_ROWS = 64  # centroids per program of the split into the assignment's operands
+WARPS = 8  # of the assignment
 _MASK32 = 0xFFFFFFFF
 
 
@@ -51,7 +58,9 @@ def _assign_kernel(
     X,
     X_BASE,
     NUM_POINTS,
-    C,
+    C_HI,
+    C_LO,
+    C_SQ,
     NUM_CLUSTERS,
     LABELS,
     SQD,
@@ -64,11 +73,16 @@ def _assign_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+    NATIVE: tl.constexpr,
+    STAGES: tl.constexpr,
     COMMIT: tl.constexpr,
 ):
     """Labels ``[G, max_points]`` int32 (-1 past ``num_points``) and squared distances (-inf
-    there). With ``COMMIT`` also ``OUT_LABELS[base[g] + i] = label + offset[g]``."""
+    there), from the centroids' squared norms ``C_SQ [G, K]`` and either (``SPLIT``) their two
+    16-bit parts ``C_HI + C_LO [G, K, D]`` in the points' dtype (two 16-bit products: the
+    centroid to about 16 mantissa bits), or the float32 centroids in ``C_HI`` (IEEE fp32).
+    With ``COMMIT`` also ``OUT_LABELS[base[g] + i] = label + offset[g]``."""
     g = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     n_g = tl.load(NUM_POINTS + g)
@@ -83,21 +97,29 @@ def _assign_kernel(
         X + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
         mask=mask_n[:, None] & mask_d[None, :],
         other=0.0,
-    ).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-    x_sq = tl.sum(x * x, axis=1)
+    )  # [BLOCK_N, BLOCK_D]
+    x32 = x.to(tl.float32)
+    x_sq = tl.sum(x32 * x32, axis=1)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_k = tl.zeros([BLOCK_N], tl.int32)
     k_end = tl.where(n0 < n_g, k_g, 0)
-    for k0 in range(0, k_end, BLOCK_K):
+    for k0 in tl.range(0, k_end, BLOCK_K, num_stages=STAGES):
         ks = k0 + offs_k
         mask_k = ks < k_g
-        c = tl.load(
-            C + (g * max_clusters + ks)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=mask_k[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_D]
-        c_sq = tl.where(mask_k, tl.sum(c * c, axis=1), float("inf"))
-        xc = tl.dot(x, tl.trans(c), input_precision=PRECISION)  # [BLOCK_N, BLOCK_K]
+        rows = (g * max_clusters + ks)[:, None] * HEAD_DIM + offs_d[None, :]
+        mask_kd = mask_k[:, None] & mask_d[None, :]
+        c_sq = tl.load(C_SQ + g * max_clusters + ks, mask=mask_k, other=float("inf"))
+        if SPLIT:
+            hi = tl.trans(tl.load(C_HI + rows, mask=mask_kd, other=0.0))
+            lo = tl.trans(tl.load(C_LO + rows, mask=mask_kd, other=0.0))
+            if NATIVE:
+                xc = tl.dot(x, lo, tl.dot(x, hi))
+            else:  # (the interpreter's 16-bit products are wrong)
+                xc = tl.dot(x32, hi.to(tl.float32), input_precision="ieee")
+                xc += tl.dot(x32, lo.to(tl.float32), input_precision="ieee")
+        else:
+            c = tl.load(C_HI + rows, mask=mask_kd, other=0.0)
+            xc = tl.dot(x32, tl.trans(c), input_precision="ieee")  # [BLOCK_N, BLOCK_K]
         dist = c_sq[None, :] - 2.0 * xc
         d_min, i_min = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
         closer = d_min < best
@@ -112,6 +134,32 @@ def _assign_kernel(
         out = tl.load(OUT_LABEL_BASE + g)
         off = tl.load(OUT_LABEL_OFFSET + g)
         tl.store(OUT_LABELS + out + offs_n, labels + off, mask=mask_n)
+
+
+@triton.jit
+def _split_kernel(
+    C,
+    C_HI,
+    C_LO,
+    C_SQ,
+    rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """The assignment's operands of float32 centroids ``C [rows, D]``: squared norms and, with
+    ``SPLIT``, the 16-bit parts ``hi = C`` rounded and ``lo = C - hi`` rounded."""
+    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rs < rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    at = rs.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    c = tl.load(C + at, mask=mask, other=0.0)
+    tl.store(C_SQ + rs, tl.sum(c * c, axis=1), mask=rs < rows)
+    if SPLIT:
+        hi = c.to(C_HI.dtype.element_ty)
+        tl.store(C_HI + at, hi, mask=mask)
+        tl.store(C_LO + at, (c - hi.to(tl.float32)).to(C_LO.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -440,12 +488,6 @@ def _priority_kernel(
 
 
 # ---------------------------------------------------------------------------------- drivers
-def _precision(dtype: torch.dtype) -> str:
-    """Dot precision of the assignment: tf32 tensor cores for 16-bit points on a GPU (16-bit
-    values are exact in tf32; centroids round to 10 mantissa bits), IEEE fp32 otherwise."""
-    return "tf32" if dtype in (torch.float16, torch.bfloat16) and not interpreting() else "ieee"
-
-
 def _native(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and not interpreting()
 
@@ -455,8 +497,8 @@ def _splits(groups: int, cluster_tiles: int, max_points: int, device: torch.devi
     if device.type != "cuda":
         return 2 if max_points > 2 * BLOCK_N else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = max(1, (2 * sms) // max(1, groups * cluster_tiles))
-    return max(1, min(wanted, max_points // (4 * BLOCK_N)))
+    wanted = round(2 * sms / max(1, groups * cluster_tiles))
+    return max(1, min(wanted, max_points // (2 * BLOCK_N)))
 
 
 def _pow2(n: int) -> int:
@@ -485,18 +527,41 @@ class Points:
 
 
 def assign(points: Points, centroids: torch.Tensor, num_clusters: torch.Tensor, commit=None):
-    """Labels ``[G, n]`` int32 and squared distances ``[G, n]`` float32 (see ``_assign_kernel``).
-    ``commit``: ``(out_labels, base, offset)`` to also write the labels elsewhere."""
+    """Labels ``[G, n]`` int32 and squared distances ``[G, n]`` float32 (see ``_assign_kernel``)
+    of ``centroids [G, K, D]`` float32. ``commit``: ``(out_labels, base, offset)`` to also
+    write the labels elsewhere."""
     g, n, d = points.groups, points.max_points, points.dim
     k = centroids.shape[1]
-    labels = torch.empty(g, n, dtype=torch.int32, device=centroids.device)
-    sqd = torch.empty(g, n, dtype=torch.float32, device=centroids.device)
+    dev = centroids.device
+    # 16-bit points: the centroids in two parts of the points' dtype (about 16 mantissa bits,
+    # as exact as the fp32 reference in practice, and faster than one tf32 product)
+    split = points.store.dtype in (torch.float16, torch.bfloat16)
+    c_sq = torch.empty(g, k, dtype=torch.float32, device=dev)
+    hi = lo = centroids
+    if split:
+        hi, lo = (torch.empty(g, k, d, dtype=points.store.dtype, device=dev) for _ in range(2))
+    _split_kernel[(triton.cdiv(g * k, SPLIT_ROWS),)](
+        centroids,
+        hi,
+        lo,
+        c_sq,
+        g * k,
+        HEAD_DIM=d,
+        BLOCK_R=SPLIT_ROWS,
+        BLOCK_D=_pow2(d),
+        SPLIT=split,
+        num_warps=4,
+    )
+    labels = torch.empty(g, n, dtype=torch.int32, device=dev)
+    sqd = torch.empty(g, n, dtype=torch.float32, device=dev)
     out, out_base, out_off = commit if commit is not None else (labels, points.base, points.base)
     _assign_kernel[(g, triton.cdiv(n, ASSIGN_BLOCK_N))](
         points.store,
         points.base,
         points.num_points,
-        centroids,
+        hi,
+        lo,
+        c_sq,
         num_clusters,
         labels,
         sqd,
@@ -509,7 +574,9 @@ def assign(points: Points, centroids: torch.Tensor, num_clusters: torch.Tensor, 
         BLOCK_N=ASSIGN_BLOCK_N,
         BLOCK_K=ASSIGN_BLOCK_K,
         BLOCK_D=_pow2(d),
-        PRECISION=_precision(points.store.dtype),
+        SPLIT=split,
+        NATIVE=_native(points.store.dtype),
+        STAGES=ASSIGN_STAGES,
         COMMIT=commit is not None,
         num_warps=WARPS,
     )
@@ -582,7 +649,7 @@ class _Accumulator:
             KEEP_OLD=old is not None,
             WITH_Y=y is not None,
             RESEED=reseed_sqd is not None,
-            num_warps=WARPS,
+            num_warps=ACCUMULATE_WARPS,
         )
 
 
