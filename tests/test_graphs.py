@@ -340,13 +340,17 @@ def test_replayed_layout_refreshes_equal_eager_ones(gen, share):
     """After each online update the kernels' layout is refreshed from a CUDA graph (captured
     at the first refresh after its build) and holds what an eager refresh writes, bit for
     bit: order, centroids, sizes, offsets, live counts, lengths, budgets and the cached counts
-    (a partial far field caches its clusters per row); the attends agree exactly."""
+    (a partial far field caches its clusters per row), also after a beam reorder that swaps
+    the rows in place between replays; the attends agree exactly."""
     cfg = dataclasses.replace(GPU_CFG, far_field_share=share)
     h, group, d, dtype = 2, 4, 64, torch.bfloat16
     state, twin = _prefill_pair(gen, cfg, [180, 180], 400, h, d, dtype, "cuda")
     twin.index.update_graphs.enabled = False  # its layout refreshes eagerly too
     updates = 0
-    for _ in range(5 * cfg.interval):
+    for i in range(5 * cfg.interval):
+        if i == 2 * cfg.interval + 3:
+            for s in (state, twin):
+                s.select_sequences([1, 0])
         k, v, _, q, _ = _cuda_inputs(gen, 2, h, group, d, dtype)
         before = list(state.clustered_len)
         outs = []

@@ -195,7 +195,6 @@ class FusedLayout:
             max_budget=max(budget_of(n + room_tokens) for n in clustered_len),
             scratch=index.fused_scratch,
         )
-        layout.graphs.enabled = index.update_graphs.enabled
         budgets = [budget_of(n) for n in clustered_len]
         fits = layout.refresh(index, clustered_len, budgets, graphed=False)
         assert fits, "a new layout holds its own index"
@@ -215,10 +214,11 @@ class FusedLayout:
 
         ``rows``: the sequences whose clusters changed (None: all). A ragged batch updates
         its rows at different steps; each update then sorts its own rows' labels only.
-        ``graphed``: on CUDA, a refresh of every row runs as a CUDA graph (some 25
-        operations, whose launches took the host longer than the GPU took to run them),
-        captured at its first run and replayed at the layout's later refreshes (its key:
-        the index stores' addresses and the cached counts' names)."""
+        ``graphed``: on CUDA, a refresh of the whole batch (every row, or more than half of
+        them) runs as a CUDA graph (some 25 operations, whose launches took the host longer
+        than the GPU took to run them), captured at its first run and replayed at the
+        layout's later refreshes (its key: the index stores' addresses, shapes and strides
+        and the cached counts' names), unless the index's update graphs are off."""
         level = index.level0
         clusters, positions = self.sizes.shape[-1], self.order.shape[-1]
         if (
@@ -243,11 +243,12 @@ class FusedLayout:
             return True
         host = host.pin_memory()  # copied without a host wait
         with torch.cuda.device(device):
-            if not (graphed and every_row) or torch.cuda.is_current_stream_capturing():
+            graphed = graphed and every_row and index.update_graphs.enabled
+            if not graphed or torch.cuda.is_current_stream_capturing():
                 write(host.to(device, non_blocking=True))
                 return True
             stores = (index.labels, level.key_centroids, level.value_centroids, level.sizes)
-            key = (tuple(t.data_ptr() for t in stores), tuple(self._makers))
+            key = (tuple((t.data_ptr(), t.shape, t.stride()) for t in stores), tuple(self._makers))
             self.graphs.run(host.shape, key, host, write, device)
         return True
 

@@ -613,11 +613,11 @@ class UpdateGraphs:
 
 
 class _Pool:
-    """One memory pool for the update graphs of every index on a device and stream: their
-    replays never overlap and no tensor made inside one outlives it, so their scratch can be
-    shared. A one-op graph holds the pool open while any index uses it (a pool whose graphs
-    were all freed cannot take a new capture); it goes, and the pool with it, when the last
-    index holding it does."""
+    """One memory pool for the update graphs (of every index and kernel layout) on a device and
+    stream: their replays never overlap and no tensor made inside one outlives it, so their
+    scratch can be shared. A one-op graph holds the pool open while any graphs use it (a pool
+    whose graphs were all freed cannot take a new capture); it goes, and the pool with it,
+    when the last holder does."""
 
     _live: weakref.WeakValueDictionary[tuple, _Pool] = weakref.WeakValueDictionary()
 

@@ -38,7 +38,7 @@ BLOCK_N = 64  # points per tile of the accumulation
 # H100, 8 heads x 8320 bf16 points x 520 clusters (a little above an online update's largest,
 # 8192 points and 512 clusters; NOTES_kernels.md Rounds 9 and 12): accumulation 46 us at 32
 # clusters per tile, 2048-label scan steps, 4 warps and 2 point splits (71 at 1024, 8 warps,
-# 1 split; 49-65 at the other splits and warps); at a 128K prefill's 128 groups of 8192 points
+# 1 split; 49-68 at the other splits and warps); at a 128K prefill's 128 groups of 8192 points
 # 437 us (641 before). Assignment with split centroids 65 us at 128 points x 64 clusters, 8
 # warps, no pipelining (70-83 at the other tiles; one tf32 product at 256 x 64: 84), 823 us at
 # the prefill's groups (1056)
@@ -147,9 +147,11 @@ def _split_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
+    PART_MAX: tl.constexpr,
 ):
     """The assignment's operands of float32 centroids ``C [rows, D]``: squared norms and, with
-    ``SPLIT``, the 16-bit parts ``hi = C`` rounded and ``lo = C - hi`` rounded."""
+    ``SPLIT``, the 16-bit parts ``hi = C`` rounded and ``lo = C - hi`` rounded (each clamped
+    to ``PART_MAX``, the 16-bit type's largest value)."""
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rs < rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -157,9 +159,10 @@ def _split_kernel(
     c = tl.load(C + at, mask=mask, other=0.0)
     tl.store(C_SQ + rs, tl.sum(c * c, axis=1), mask=rs < rows)
     if SPLIT:
-        hi = c.to(C_HI.dtype.element_ty)
+        hi = tl.clamp(c, -PART_MAX, PART_MAX).to(C_HI.dtype.element_ty)
+        lo = tl.clamp(c - hi.to(tl.float32), -PART_MAX, PART_MAX)
         tl.store(C_HI + at, hi, mask=mask)
-        tl.store(C_LO + at, (c - hi.to(tl.float32)).to(C_LO.dtype.element_ty), mask=mask)
+        tl.store(C_LO + at, lo.to(C_LO.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -550,6 +553,7 @@ def assign(points: Points, centroids: torch.Tensor, num_clusters: torch.Tensor, 
         BLOCK_R=SPLIT_ROWS,
         BLOCK_D=_pow2(d),
         SPLIT=split,
+        PART_MAX=torch.finfo(points.store.dtype).max if split else 0.0,
         num_warps=4,
     )
     labels = torch.empty(g, n, dtype=torch.int32, device=dev)
