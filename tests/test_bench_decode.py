@@ -188,7 +188,7 @@ def test_git_revision_marks_a_checkout_with_changes(tmp_path):
     from multipole.bench import git_revision
 
     if shutil.which("git") is None:
-        pytest.skip("needs git")
+        pytest.skip("needs the git executable on PATH: git_revision asks git for the commit")
     assert git_revision(tmp_path) == "unknown"
 
     def git(*args: str) -> str:

@@ -233,10 +233,7 @@ class FusedLayout:
         parts = [slice(None)] if every_row else [slice(r, r + 1) for r in sorted(set(rows))]
         host = torch.tensor([clustered_len, budgets], dtype=torch.int64)
         self.lengths, self.budgets = list(clustered_len), list(budgets)
-
-        def write(lengths: torch.Tensor) -> None:
-            self._write(index, parts, lengths)
-
+        write = functools.partial(self._write, index, parts)  # write(lengths on the device)
         device = self.sizes.device
         if device.type != "cuda":
             write(host)
