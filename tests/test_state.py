@@ -120,7 +120,10 @@ def test_ragged_batch_equals_sequences_run_alone(gen, levels):
     assert batch.clustered_len == [s.clustered_len[0] for s in alone]
 
 
-@pytest.mark.parametrize(("backend", "levels"), [("reference", 1), ("reference", 2), ("triton", 1)])
+@pytest.mark.parametrize(
+    ("backend", "levels"),
+    [("reference", 1), ("reference", 2), pytest.param("triton", 1, marks=pytest.mark.kernels)],
+)
 def test_select_sequences_makes_each_row_a_copy_of_the_chosen_one(gen, request, backend, levels):
     """Beam search: after ``select_sequences(rows)`` row i decodes exactly as sequence
     ``rows[i]`` would (a row copied twice, one dropped; ragged lengths), through later online
@@ -155,7 +158,9 @@ def test_select_sequences_makes_each_row_a_copy_of_the_chosen_one(gen, request, 
     assert batch.clustered_len == [s.clustered_len[0] for s in expect]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.kernels)]
+)
 def test_drop_newest_forgets_tokens_as_if_never_appended(gen, request, backend):
     """Speculative decoding: appending draft tokens, dropping them and appending others equals
     appending only the others (ragged lengths, an online update just before)."""
