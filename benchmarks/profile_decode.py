@@ -8,7 +8,9 @@ in the window, the window's span per step (first kernel start to last kernel end
 kernels' summed time and count per step (span minus summed time is where the GPU waited
 between kernels; with dependent launches a kernel's time includes its wait for the
 predecessor), and every kernel name's time per step. ``--tunings`` runs Multipole once per
-launch tuning of :class:`multipole.fused.Tuning`, side by side with dense in one process.
+launch tuning of :class:`multipole.fused.Tuning` (a name of ``profile_step.VARIANTS`` or
+``FIELD=VALUE+...``, as ``profile_step.py --tunings`` takes them), side by side with dense in
+one process.
 
     python benchmarks/profile_decode.py --context 131072 --batch 1 --layers 36 \
         --tunings default,dependent_launch=False --out profile.json
@@ -21,6 +23,7 @@ import json
 import statistics
 
 import torch
+from profile_step import tuning_of
 from torch.profiler import ProfilerActivity, profile
 
 from multipole import MultipoleConfig
@@ -83,17 +86,6 @@ def _summary(prof, steps: int) -> dict:
     )
 
 
-def _tuning(text: str) -> fused_mod.Tuning:
-    """``default`` or ``field=value+...`` (ints and booleans) as a Tuning."""
-    if text == "default":
-        return fused_mod.Tuning()
-    fields = {}
-    for item in text.split("+"):
-        name, value = item.split("=")
-        fields[name] = value == "True" if value in ("True", "False") else int(value)
-    return fused_mod.Tuning(**fields)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="qwen3-8b")
@@ -107,7 +99,7 @@ def main() -> None:
     p.add_argument(
         "--tunings",
         default="default",
-        help="Multipole runs: 'default' or FIELD=VALUE+... per run, comma-separated",
+        help="Multipole runs: NAME (of profile_step.VARIANTS) or FIELD=VALUE+..., comma-separated",
     )
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -134,7 +126,7 @@ def main() -> None:
     first = (a.steps - a.window) // 2  # the window's first timed step
     try:
         for name, method, tuning in runs:
-            fused_mod.TUNING = _tuning(tuning)
+            fused_mod.TUNING = tuning_of(tuning)
             with _Window(a.warmup + first, a.window) as window:
                 row, decoded = bd.run_method(method, model, s, a.context, a.batch, a.layers)
             r = window.result

@@ -1,11 +1,13 @@
 """Where the time of a fused decode step goes, launch variants, and the k-means kernels (GPU).
 
 python benchmarks/profile_step.py [--context 131072] [--batches 1,16] [--budgets 128,0.05]
-    [--shares 1.0,0.05] [--variants [--variant-names A,B]] [--kmeans] [--out FILE.json]
+    [--shares 1.0,0.05] [--variants [--tunings A,B]] [--kmeans] [--out FILE.json]
 
 - default: per-kernel GPU time of one step (torch.profiler, 20 steps);
 - ``--variants``: each launch variant of ``multipole.fused.Tuning`` checked against the
   default (same state, same query) and timed as a CUDA graph replay (median of do_bench);
+  ``--tunings`` picks them: names of ``VARIANTS`` or ``FIELD=VALUE+...`` (``Tuning.parse``), as
+  ``profile_decode.py --tunings`` takes them;
 - ``--kmeans``: the k-means kernels at realistic sizes: invariants (sizes = label histogram,
   centroids = member means, labels nearest up to the assignment's rounding), prefill clustering
   per layer and the online update (8K open block + 128 tokens) against the PyTorch reference.
@@ -112,9 +114,13 @@ def step_ms(state, q) -> float:
     return do_bench(graph_of(lambda: state.attend(q)), warmup=25, rep=200, return_mode="median")
 
 
-def time_variants(args, budgets, rows, variants=None) -> dict:
+def tuning_of(spec: str) -> fused_mod.Tuning:
+    """The tuning a ``--tunings`` item names: a key of ``VARIANTS`` or ``Tuning.parse``'s form."""
+    return fused_mod.Tuning(**VARIANTS[spec]) if spec in VARIANTS else fused_mod.Tuning.parse(spec)
+
+
+def time_variants(args, budgets, rows, variants: dict[str, fused_mod.Tuning]) -> dict:
     """Time each variant (graph replay) per configuration; returns {variant: [ms, ...]}."""
-    variants = VARIANTS if variants is None else variants
     times: dict[str, list[float]] = {name: [] for name in variants}
     shares = [float(x) for x in args.shares.split(",")]
     batches = map(int, args.batches.split(","))
@@ -130,8 +136,8 @@ def time_variants(args, budgets, rows, variants=None) -> dict:
             f"{rel_err(base, ref):.2e}",
             flush=True,
         )
-        for name, kw in variants.items():
-            fused_mod.TUNING = fused_mod.Tuning(**kw)
+        for name, tuning in variants.items():
+            fused_mod.TUNING = tuning
             out = state.attend(q)
             err = rel_err(out, base)
             ms = step_ms(state, q)
@@ -165,7 +171,7 @@ def _geo_ratio(ms: list[float], base: list[float]) -> float:
 def pick_tuning(args, budgets, rows) -> dict:
     """Single variants, then every improving option together; the best by geometric mean of
     time ratios against the default over the configurations."""
-    times = time_variants(args, budgets, rows)
+    times = time_variants(args, budgets, rows, {name: tuning_of(name) for name in VARIANTS})
     score = {n: _geo_ratio(t, times["default"]) for n, t in times.items()}
     good = sorted((s, n) for n, s in score.items() if s < 0.99 and n != "default")
     combo: dict = {}
@@ -175,7 +181,8 @@ def pick_tuning(args, budgets, rows) -> dict:
     best_name = min(score, key=score.get)
     best = dict(VARIANTS[best_name])
     if len(good) > 1:
-        t = time_variants(args, budgets, rows, {"default": {}, "combo": combo})
+        combos = {"default": fused_mod.Tuning(), "combo": fused_mod.Tuning(**combo)}
+        t = time_variants(args, budgets, rows, combos)
         combo_score = _geo_ratio(t["combo"], t["default"])
         print(f"combo {combo}: {combo_score:.3f} vs best single {best_name} {score[best_name]:.3f}")
         if combo_score < score[best_name]:
@@ -371,7 +378,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="128,0.05")
     parser.add_argument("--shares", default="1.0", help="far_field_share values to profile")
     parser.add_argument("--variants", action="store_true")
-    parser.add_argument("--variant-names", default=None, help="NAME,... (default: all)")
+    parser.add_argument(
+        "--tunings",
+        default=",".join(VARIANTS),
+        help="variants to time: NAME (of VARIANTS) or FIELD=VALUE+..., comma-separated",
+    )
     parser.add_argument("--kmeans", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=None)
@@ -403,8 +414,8 @@ def main() -> None:
         if args.kmeans:
             kmeans_checks(args, rows)
         if args.variants:
-            names = args.variant_names.split(",") if args.variant_names else list(VARIANTS)
-            time_variants(args, budgets, rows, {name: VARIANTS[name] for name in names})
+            specs = args.tunings.split(",")
+            time_variants(args, budgets, rows, {spec: tuning_of(spec) for spec in specs})
         if not args.no_profile:
             profile_steps(args, budgets, rows)
     finally:

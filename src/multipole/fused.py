@@ -44,7 +44,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -91,6 +91,29 @@ class Tuning:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"Tuning.{name}: expected a power of two >= 16, got {value}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Tuning:
+        """A tuning from ``default`` or ``FIELD=VALUE+...`` (integers, True, False), as the
+        profiling scripts' ``--tunings`` give it, e.g. ``block_n=128+dependent_launch=False``."""
+        if spec == "default":
+            return cls()
+        names = {f.name for f in fields(cls)}
+        values: dict[str, int | bool] = {}
+        for item in spec.split("+"):
+            name, sep, value = item.partition("=")
+            if not sep or name not in names:
+                raise ValueError(
+                    f"tuning {spec!r}: expected 'default' or FIELD=VALUE+... with FIELD one of "
+                    f"{sorted(names)}, got {item!r}"
+                )
+            if value in ("True", "False"):
+                values[name] = value == "True"
+            elif value.lstrip("-").isdigit():
+                values[name] = int(value)
+            else:
+                raise ValueError(f"tuning {spec!r}: {name}: expected an integer, True or False")
+        return cls(**values)
 
 
 TUNING = Tuning()

@@ -636,3 +636,17 @@ def test_tuning_rejects_tiles_that_are_not_powers_of_two():
     with pytest.raises(ValueError, match=r"Tuning\.block_n"):
         fused.Tuning(block_n=8)
     assert fused.Tuning(centroid_block=128).centroid_block == 128
+
+
+def test_tuning_parse_reads_the_profiling_scripts_form_and_names_bad_fields():
+    from multipole import fused
+
+    assert fused.Tuning.parse("default") == fused.Tuning()
+    parsed = fused.Tuning.parse("block_n=128+dependent_launch=False")
+    assert parsed == fused.Tuning(block_n=128, dependent_launch=False)
+    with pytest.raises(ValueError, match=r"FIELD one of .*got 'blocks=4'"):
+        fused.Tuning.parse("blocks=4")
+    with pytest.raises(ValueError, match=r"block_n: expected an integer, True or False"):
+        fused.Tuning.parse("block_n=big")
+    with pytest.raises(ValueError, match=r"Tuning\.block_n: expected a power of two"):
+        fused.Tuning.parse("block_n=100")
