@@ -255,9 +255,7 @@ def _perplexity_metrics(results) -> dict:
 def retrieval_task(model, tokenizer, runs, settings: EvalSettings, samples_path, bar) -> dict:
     from ..data import encode_prompt, make_retrieval, retrieval_score
 
-    scores: dict[str, list[float]] = {}
-    agreement: dict[str, list[float]] = {}
-    fractions: dict[str, list[float]] = {}
+    tally = _AnswerTally()
     device = next(model.parameters()).device
     for task in settings.retrieval_tasks:
         samples = make_retrieval(
@@ -273,23 +271,13 @@ def retrieval_task(model, tokenizer, runs, settings: EvalSettings, samples_path,
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 score = retrieval_score(text, sample.answers)
                 agree = token_agreement(tokens, dense_tokens)
-                scores.setdefault(label, []).append(score)
-                agreement.setdefault(label, []).append(agree)
-                fractions.setdefault(label, []).append(fraction)
+                tally.add(label, score, agree, fraction)
                 _append(samples_path, {
                     "task": task, "sample": i, "run": label, "depth": sample.depth,
                     "answers": sample.answers, "output": text, "score": score,
                     "agreement": agree, "read_fraction": fraction,
                 })  # fmt: skip
-    return {
-        label: {
-            "accuracy": _mean(scores[label]),
-            "agreement": _mean(agreement[label]),
-            "read_fraction": _mean(fractions[label]),
-            "samples": len(scores[label]),
-        }
-        for label in scores
-    }
+    return tally.summary()
 
 
 def gsm_task(model, tokenizer, head_dim: int, settings: EvalSettings, samples_path, bar) -> dict:
@@ -298,9 +286,7 @@ def gsm_task(model, tokenizer, head_dim: int, settings: EvalSettings, samples_pa
     sink and window alone exceed at that length is left out for that problem."""
     from ..data import gsm_tasks, reasoning_score
 
-    scores: dict[str, list[float]] = {}
-    agreement: dict[str, list[float]] = {}
-    fractions: dict[str, list[float]] = {}
+    tally = _AnswerTally()
     device = next(model.parameters()).device
     for i, sample in enumerate(
         bar(gsm_tasks(settings.gsm_samples, seed=settings.seed), desc="gsm")
@@ -316,23 +302,13 @@ def gsm_task(model, tokenizer, head_dim: int, settings: EvalSettings, samples_pa
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             score = reasoning_score(text, sample)
             agree = token_agreement(tokens, dense_tokens)
-            scores.setdefault(label, []).append(score)
-            agreement.setdefault(label, []).append(agree)
-            fractions.setdefault(label, []).append(fraction)
+            tally.add(label, score, agree, fraction)
             _append(samples_path, {
                 "task": "gsm", "sample": i, "run": label, "answer": sample.answer,
                 "output": text, "score": score, "agreement": agree, "read_fraction": fraction,
                 "prompt_tokens": ids.shape[1],
             })  # fmt: skip
-    return {
-        label: {
-            "accuracy": _mean(scores[label]),
-            "agreement": _mean(agreement[label]),
-            "read_fraction": _mean(fractions[label]),
-            "samples": len(scores[label]),
-        }
-        for label in scores
-    }
+    return tally.summary()
 
 
 def token_agreement(tokens: list[int], reference: list[int]) -> float:
@@ -467,6 +443,28 @@ def _tensor(windows: list[list[int]], length: int, device) -> torch.Tensor:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / max(1, len(values))
+
+
+class _AnswerTally:
+    """Per run, each sample's answer score, token agreement with dense and read fraction; the
+    tasks that generate answers (retrieval, GSM) report their means."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[float, float, float]]] = {}
+
+    def add(self, label: str, score: float, agreement: float, read_fraction: float) -> None:
+        self.samples.setdefault(label, []).append((score, agreement, read_fraction))
+
+    def summary(self) -> dict:
+        return {
+            label: {
+                "accuracy": _mean([s[0] for s in rows]),
+                "agreement": _mean([s[1] for s in rows]),
+                "read_fraction": _mean([s[2] for s in rows]),
+                "samples": len(rows),
+            }
+            for label, rows in self.samples.items()
+        }
 
 
 def _append(path: Path, row: dict) -> None:
