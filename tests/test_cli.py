@@ -142,3 +142,11 @@ def test_generate_rejects_bad_arguments_before_loading(capsys, options, message)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "usage: multipole generate" in err
+
+
+def test_generate_defaults_are_the_config_defaults():
+    from multipole.cli import build_parser
+    from multipole.generate import check_args
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "w1"])
+    assert check_args(args) == MultipoleConfig()

@@ -88,23 +88,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget",
         type=parse_budget,
-        default=128,
+        default=MultipoleConfig.token_budget,
         help="token_budget: tokens per KV head (int) or fraction of the clustered region "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--centroid-ratio",
         type=float,
-        default=1 / 16,
+        default=MultipoleConfig.centroid_ratio,
         help="clusters per clustered token (default: %(default)s)",
     )
     parser.add_argument(
-        "--interval", type=int, default=128, help="online update period (default: %(default)s)"
+        "--interval",
+        type=int,
+        default=MultipoleConfig.interval,
+        help="online update period (default: %(default)s)",
     )
     parser.add_argument(
         "--block-size",
         type=int,
-        default=8192,
+        default=MultipoleConfig.block_size,
         help="tokens per k-means block (default: %(default)s)",
     )
     parser.add_argument(
