@@ -1,8 +1,8 @@
 """The online update replayed as a CUDA graph against the same update run eagerly (GPU only).
 
-One layer (8 KV heads, d=128, bf16, batch 1): an open block of 7552 tokens receives 5 updates
-of 128 tokens (to 8192); each update is timed on the host around a synchronised ``append`` (and
-with the decode step after it). See
+One layer (8 KV heads, d=128, bf16, batch 1): an open block of 6528 tokens receives 13 updates
+of 128 tokens (to 8192), timed on the host around a synchronised ``append`` (and with the decode
+step after it) and on the GPU with the host ahead. See
 :func:`multipole.bench.kernels.bench_update`, which ``multipole bench kernels`` also runs.
 
     python benchmarks/probe_update_graph.py --out update.json

@@ -53,11 +53,16 @@ def kernel_table(report: dict) -> str:
         graphed, eager = update["graphed"], update["eager"]
         lines += [
             "",
-            f"Online update (128 tokens into an open block of 7.5-8K, 8 heads), per layer: "
+            f"Online update (128 tokens into an open block of up to 8K, 8 heads), per layer: "
             f"{graphed['update_ms']:.2f} ms replayed as a CUDA graph "
             f"({eager['update_ms']:.2f} ms eager), {graphed['update_plus_one_step_ms']:.2f} ms "
             f"with the next decode step.",
         ]
+        if "device_ms" in graphed:  # reports since 2026-12-06's second update benchmark
+            lines[-1] += (
+                f" Of the replayed update, the host took {graphed['host_ms']:.2f} ms to issue it "
+                f"and the GPU {graphed['device_ms']:.2f} ms to run it (timed with the host ahead)."
+            )
     elif update:  # reports before 2026-12-06's graphed updates: a fresh state's first update
         lines += [
             "",

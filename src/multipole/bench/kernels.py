@@ -44,6 +44,7 @@ from multipole import MultipoleConfig, MultipoleState, fused
 from multipole.bench import git_revision
 
 H_Q, H_KV, HEAD_DIM = 32, 8, 128
+_SLEEP_CYCLES = 10_000_000  # 5-6 ms of GPU wait (at 1.7-2 GHz): longer than issuing an update
 # Peak memory of one configuration per byte of its keys and values (bf16), and beyond them:
 # measured on an H100, 2.35 x KV + 0.3 GiB from 32K x 4 to 512K x 4 (the benchmark's keys and
 # values, the state's copy, its cluster index and the clustering workspace).
@@ -193,52 +194,102 @@ def bench_step(
 
 def bench_update(args=None) -> dict:
     """Online update per layer (k-means kernels) as a decode loop meets it: an open block of
-    7552 tokens (8 heads, batch 1) receives 5 updates of 128 tokens, the last one filling it
-    to 8192 (512 clusters). A state's first update runs eagerly and is
-    captured as a CUDA graph (``first_update_ms``, kernels already compiled); the others
-    replay it: medians of the update (``update_ms``; ``host_ms`` to issue it) and of the update
-    plus the next decode step (``update_plus_one_step_ms``); the update also writes the
-    kernels' layout in place. ``eager``: the same updates with the graphs off."""
-    return dict(graphed=_update_times(graphed=True), eager=_update_times(graphed=False))
+    6528 tokens (8 heads, batch 1) receives 13 updates of 128 tokens, the last one filling it
+    to 8192 (512 clusters). A state's first update runs eagerly and is captured as a CUDA
+    graph (``first_update_ms``, kernels already compiled); the others replay it, timed two
+    ways in the order ABBA (so both see the same block sizes on average), medians:
+
+    - from a synchronised start: ``update_ms`` until the GPU is done (the host's work, then
+      the GPU's that it could not overlap), ``host_ms`` to issue it, and
+      ``update_plus_one_step_ms`` with the next decode step;
+    - ``device_ms``: CUDA events around the update issued behind a GPU wait of 5-6 ms, so the
+      host is ahead: the GPU's time alone, what a decode loop running ahead of the GPU pays.
+      A sample whose host took longer to issue the update than the wait lasted is dropped
+      (``device_samples`` counts those kept).
+
+    The update also writes the kernels' layout in place. ``eager``: the same updates with
+    the graphs off."""
+    return dict(graphed=update_times(graphed=True), eager=update_times(graphed=False))
 
 
-def _update_times(graphed: bool, updates: int = 5) -> dict[str, float]:
-    n = 16 + 7552 + 255  # sink, clustered region, recent window one token short of an update
+def update_times(graphed: bool, updates: int = 13, profile_at: int | None = None) -> dict:
+    """:func:`bench_update`'s timings of ``updates`` updates filling the open block to 8192
+    tokens (``graphed``: replayed as CUDA graphs). ``profile_at``: the second state's update of
+    that index runs under ``torch.profiler`` instead of being timed, and ``profile`` holds its
+    kernels' table."""
+    if updates < 5:
+        raise ValueError(
+            f"updates: expected at least 5 (two samples of each timing), got {updates}"
+        )
+    if profile_at is not None and not 0 < profile_at < updates:
+        raise ValueError(
+            f"profile_at: expected 1..{updates - 1} (0 is the capture), got {profile_at}"
+        )
+    n = 16 + 8192 - updates * 128 + 255  # sink, clustered region, window one token short
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, H_KV, n + updates * 128, HEAD_DIM)
     k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     q = torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    rows = []
-    for _ in range(2):  # the first state compiles every kernel
+    synced: list[list[float]] = []
+    device: list[float] = []
+    first, table = 0.0, None
+    for timed_state in (False, True):  # the first state compiles every kernel
         state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], MultipoleConfig(backend="triton"))
         state._reserve_tokens(k.shape[2])  # no cache growth inside the timed updates
         state.index.update_graphs.enabled = graphed
         state.attend(q)
-        pos, rows = n, []
-        for _ in range(updates):
+        pos, synced, device = n, [], []
+        for u in range(updates):
             while state.appends_before_update() > 0:
                 state.append(k[:, :, pos : pos + 1], k[:, :, pos : pos + 1])
                 pos += 1
             state.attend(q)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            state.append(k[:, :, pos : pos + 1], k[:, :, pos : pos + 1])
-            issued = time.perf_counter()
-            torch.cuda.synchronize()
-            updated = time.perf_counter()
-            state.attend(q)
-            torch.cuda.synchronize()
-            done = time.perf_counter()
+            new = k[:, :, pos : pos + 1]
             pos += 1
-            rows.append([(t - start) * 1e3 for t in (issued, updated, done)])
-        assert state.clustered_len[0] == 7552 + updates * 128
-    rest = rows[1:]
+            torch.cuda.synchronize()
+            if timed_state and u == profile_at:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    state.append(new, new)
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+            elif u > 0 and u % 4 in (0, 1):  # behind a GPU wait: the GPU's work alone
+                waited, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+                waited.record()
+                torch.cuda._sleep(_SLEEP_CYCLES)
+                start.record()
+                issue = time.perf_counter()
+                state.append(new, new)
+                issue = (time.perf_counter() - issue) * 1e3
+                end.record()
+                torch.cuda.synchronize()
+                if issue < waited.elapsed_time(start):  # else the host delayed the GPU
+                    device.append(start.elapsed_time(end))
+            else:
+                start_s = time.perf_counter()
+                state.append(new, new)
+                issued = time.perf_counter()
+                torch.cuda.synchronize()
+                updated = time.perf_counter()
+                state.attend(q)
+                torch.cuda.synchronize()
+                done = time.perf_counter()
+                if u == 0:
+                    first = (updated - start_s) * 1e3
+                else:
+                    synced.append([(t - start_s) * 1e3 for t in (issued, updated, done)])
+        assert state.clustered_len[0] == 8192
     return dict(
-        first_update_ms=rows[0][1],
-        update_ms=statistics.median(r[1] for r in rest),
-        host_ms=statistics.median(r[0] for r in rest),
-        update_plus_one_step_ms=statistics.median(r[2] for r in rest),
+        first_update_ms=first,
+        update_ms=statistics.median(r[1] for r in synced),
+        host_ms=statistics.median(r[0] for r in synced),
+        update_plus_one_step_ms=statistics.median(r[2] for r in synced),
+        device_ms=statistics.median(device) if device else float("nan"),
+        synced_samples=len(synced),
+        device_samples=len(device),
         replays=state.index.update_graphs.replays,
+        **({} if table is None else dict(profile=table)),
     )
 
 
