@@ -103,6 +103,10 @@ def main() -> None:
     )
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    try:  # every tuning checked before the model is built
+        tunings = {spec: tuning_of(spec) for spec in a.tunings.split(",")}
+    except ValueError as e:
+        p.error(f"--tunings: {e}")
     arch = bd.load_arch(a.arch)
     dtype = torch.bfloat16
     s = bd.Settings(
@@ -126,7 +130,7 @@ def main() -> None:
     first = (a.steps - a.window) // 2  # the window's first timed step
     try:
         for name, method, tuning in runs:
-            fused_mod.TUNING = tuning_of(tuning)
+            fused_mod.TUNING = tunings[tuning] if method == "multipole" else fused_mod.Tuning()
             with _Window(a.warmup + first, a.window) as window:
                 row, decoded = bd.run_method(method, model, s, a.context, a.batch, a.layers)
             r = window.result

@@ -116,7 +116,11 @@ def step_ms(state, q) -> float:
 
 def tuning_of(spec: str) -> fused_mod.Tuning:
     """The tuning a ``--tunings`` item names: a key of ``VARIANTS`` or ``Tuning.parse``'s form."""
-    return fused_mod.Tuning(**VARIANTS[spec]) if spec in VARIANTS else fused_mod.Tuning.parse(spec)
+    if spec in VARIANTS:
+        return fused_mod.Tuning(**VARIANTS[spec])
+    if "=" not in spec:
+        raise ValueError(f"{spec!r}: expected a name of {list(VARIANTS)} or FIELD=VALUE+...")
+    return fused_mod.Tuning.parse(spec)
 
 
 def time_variants(args, budgets, rows, variants: dict[str, fused_mod.Tuning]) -> dict:
@@ -381,7 +385,8 @@ def main() -> None:
     parser.add_argument(
         "--tunings",
         default=",".join(VARIANTS),
-        help="variants to time: NAME (of VARIANTS) or FIELD=VALUE+..., comma-separated",
+        help="with --variants, the variants to time: NAME (of VARIANTS) or FIELD=VALUE+..., "
+        "comma-separated (default: all of VARIANTS)",
     )
     parser.add_argument("--kmeans", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
@@ -394,6 +399,10 @@ def main() -> None:
         help="CONTEXT:BATCH,... profile the online update of caches of these sizes",
     )
     args = parser.parse_args()
+    try:  # every tuning checked before anything runs
+        tunings = {spec: tuning_of(spec) for spec in args.tunings.split(",")}
+    except ValueError as e:
+        parser.error(f"--tunings: {e}")
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     rows: list[dict] = []
     try:
@@ -414,8 +423,7 @@ def main() -> None:
         if args.kmeans:
             kmeans_checks(args, rows)
         if args.variants:
-            specs = args.tunings.split(",")
-            time_variants(args, budgets, rows, {spec: tuning_of(spec) for spec in specs})
+            time_variants(args, budgets, rows, tunings)
         if not args.no_profile:
             profile_steps(args, budgets, rows)
     finally:

@@ -58,7 +58,7 @@ def kernel_table(report: dict) -> str:
             f"({eager['update_ms']:.2f} ms eager), {graphed['update_plus_one_step_ms']:.2f} ms "
             f"with the next decode step.",
         ]
-        if "device_ms" in graphed:  # reports since 2026-12-06's second update benchmark
+        if graphed.get("device_ms") is not None:  # since 2026-12-06's second update benchmark
             lines[-1] += (
                 f" Of the replayed update, the host took {graphed['host_ms']:.2f} ms to issue it "
                 f"and the GPU {graphed['device_ms']:.2f} ms to run it (timed with the host ahead)."

@@ -82,3 +82,18 @@ def test_table_rows_of_skipped_and_timed_configurations():
     assert sum("needs ~21 GiB" in line for line in lines) == 2
     assert all(line.split()[3] == "skipped" for line in lines if "needs" in line)
     assert "    1.00" in lines[0]  # sdpa_dense: speed-up 1
+
+
+@pytest.mark.parametrize(
+    "updates, profile_at, message",
+    [
+        (4, None, "updates: expected 5"),
+        (64, None, "updates: expected 5 .* to 63"),
+        (13, 0, "profile_at: expected 1..12 or -12..-1"),
+        (13, 13, "profile_at: expected"),
+        (13, -13, "got -13"),
+    ],
+)
+def test_update_times_checks_its_arguments_before_using_the_gpu(updates, profile_at, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.update_times(graphed=True, updates=updates, profile_at=profile_at)

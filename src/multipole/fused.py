@@ -94,25 +94,28 @@ class Tuning:
 
     @classmethod
     def parse(cls, spec: str) -> Tuning:
-        """A tuning from ``default`` or ``FIELD=VALUE+...`` (integers, True, False), as the
-        profiling scripts' ``--tunings`` give it, e.g. ``block_n=128+dependent_launch=False``."""
+        """A tuning from ``default`` or ``FIELD=VALUE+...`` (each field once; a count or True /
+        False, as its default), as the profiling scripts' ``--tunings`` give it, e.g.
+        ``block_n=128+dependent_launch=False``."""
         if spec == "default":
             return cls()
-        names = {f.name for f in fields(cls)}
+        defaults = {f.name: f.default for f in fields(cls)}
         values: dict[str, int | bool] = {}
         for item in spec.split("+"):
             name, sep, value = item.partition("=")
-            if not sep or name not in names:
+            if not sep or name not in defaults or name in values:
                 raise ValueError(
-                    f"tuning {spec!r}: expected 'default' or FIELD=VALUE+... with FIELD one of "
-                    f"{sorted(names)}, got {item!r}"
+                    f"tuning {spec!r}: expected 'default' or FIELD=VALUE+... with each FIELD once, "
+                    f"one of {sorted(defaults)}, got {item!r}"
                 )
-            if value in ("True", "False"):
+            if isinstance(defaults[name], bool):
+                if value not in ("True", "False"):
+                    raise ValueError(f"tuning {spec!r}: {name}: expected True or False")
                 values[name] = value == "True"
-            elif value.lstrip("-").isdigit():
+            elif value.isdecimal() and value.isascii():
                 values[name] = int(value)
             else:
-                raise ValueError(f"tuning {spec!r}: {name}: expected an integer, True or False")
+                raise ValueError(f"tuning {spec!r}: {name}: expected a count (digits)")
         return cls(**values)
 
 

@@ -644,9 +644,14 @@ def test_tuning_parse_reads_the_profiling_scripts_form_and_names_bad_fields():
     assert fused.Tuning.parse("default") == fused.Tuning()
     parsed = fused.Tuning.parse("block_n=128+dependent_launch=False")
     assert parsed == fused.Tuning(block_n=128, dependent_launch=False)
-    with pytest.raises(ValueError, match=r"FIELD one of .*got 'blocks=4'"):
+    with pytest.raises(ValueError, match=r"each FIELD once, one of .*got 'blocks=4'"):
         fused.Tuning.parse("blocks=4")
-    with pytest.raises(ValueError, match=r"block_n: expected an integer, True or False"):
-        fused.Tuning.parse("block_n=big")
+    with pytest.raises(ValueError, match=r"got 'block_n=128'"):
+        fused.Tuning.parse("block_n=64+block_n=128")
+    for bad in ("big", "-64", "1.5", "True"):
+        with pytest.raises(ValueError, match=r"block_n: expected a count"):
+            fused.Tuning.parse(f"block_n={bad}")
+    with pytest.raises(ValueError, match=r"dependent_launch: expected True or False"):
+        fused.Tuning.parse("dependent_launch=1")
     with pytest.raises(ValueError, match=r"Tuning\.block_n: expected a power of two"):
         fused.Tuning.parse("block_n=100")

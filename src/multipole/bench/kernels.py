@@ -195,9 +195,10 @@ def bench_step(
 def bench_update(args=None) -> dict:
     """Online update per layer (k-means kernels) as a decode loop meets it: an open block of
     6528 tokens (8 heads, batch 1) receives 13 updates of 128 tokens, the last one filling it
-    to 8192 (512 clusters). A state's first update runs eagerly and is captured as a CUDA
-    graph (``first_update_ms``, kernels already compiled); the others replay it, timed two
-    ways in the order ABBA (so both see the same block sizes on average), medians:
+    to 8192 (512 clusters; :func:`update_times`). A state's first update runs eagerly and is
+    captured as a CUDA graph (``first_update_ms``, kernels already compiled); the others
+    replay it, timed two ways in the order ABBA (with 13 updates both see the same block sizes
+    on average), medians:
 
     - from a synchronised start: ``update_ms`` until the GPU is done (the host's work, then
       the GPU's that it could not overlap), ``host_ms`` to issue it, and
@@ -205,7 +206,7 @@ def bench_update(args=None) -> dict:
     - ``device_ms``: CUDA events around the update issued behind a GPU wait of 5-6 ms, so the
       host is ahead: the GPU's time alone, what a decode loop running ahead of the GPU pays.
       A sample whose host took longer to issue the update than the wait lasted is dropped
-      (``device_samples`` counts those kept).
+      (``device_samples`` counts those kept; ``device_ms`` is None if none is).
 
     The update also writes the kernels' layout in place. ``eager``: the same updates with
     the graphs off."""
@@ -213,28 +214,37 @@ def bench_update(args=None) -> dict:
 
 
 def update_times(graphed: bool, updates: int = 13, profile_at: int | None = None) -> dict:
-    """:func:`bench_update`'s timings of ``updates`` updates filling the open block to 8192
-    tokens (``graphed``: replayed as CUDA graphs). ``profile_at``: the second state's update of
-    that index runs under ``torch.profiler`` instead of being timed, and ``profile`` holds its
-    kernels' table."""
-    if updates < 5:
+    """:func:`bench_update`'s timings of ``updates`` updates filling the open block to its
+    ``block_size`` (``graphed``: replayed as CUDA graphs), with every sample kept
+    (``synced_ms``: host, update, update plus a step; ``device_samples_ms``). ``profile_at``:
+    the second state's update of that index (negative: from the end) runs under
+    ``torch.profiler`` instead of being timed, and ``profile`` holds its kernels' table (the last
+    update, -1, leaves no timed one after it for the profiler to slow)."""
+    config = MultipoleConfig(backend="triton")
+    block, interval = config.block_size, config.interval
+    if not 5 <= updates < block // interval:
         raise ValueError(
-            f"updates: expected at least 5 (two samples of each timing), got {updates}"
+            f"updates: expected 5 (two samples of each timing) to {block // interval - 1} "
+            f"(the open block must start non-empty), got {updates}"
         )
-    if profile_at is not None and not 0 < profile_at < updates:
-        raise ValueError(
-            f"profile_at: expected 1..{updates - 1} (0 is the capture), got {profile_at}"
-        )
-    n = 16 + 8192 - updates * 128 + 255  # sink, clustered region, window one token short
+    if profile_at is not None:
+        if not (0 < profile_at < updates or -updates < profile_at < 0):
+            raise ValueError(
+                f"profile_at: expected 1..{updates - 1} or -{updates - 1}..-1 (0 is the "
+                f"capture), got {profile_at}"
+            )
+        profile_at %= updates
+    # sink, clustered region, recent window one token short of an update
+    n = config.sink_tokens + block - updates * interval + 2 * interval - 1
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, H_KV, n + updates * 128, HEAD_DIM)
+    shape = (1, H_KV, n + updates * interval, HEAD_DIM)
     k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     q = torch.randn(1, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    synced: list[list[float]] = []
+    synced: list[tuple[float, float, float]] = []
     device: list[float] = []
     first, table = 0.0, None
     for timed_state in (False, True):  # the first state compiles every kernel
-        state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], MultipoleConfig(backend="triton"))
+        state = MultipoleState.prefill(k[:, :, :n], k[:, :, :n], config)
         state._reserve_tokens(k.shape[2])  # no cache growth inside the timed updates
         state.index.update_graphs.enabled = graphed
         state.attend(q)
@@ -254,20 +264,21 @@ def update_times(graphed: bool, updates: int = 13, profile_at: int | None = None
                     state.append(new, new)
                     torch.cuda.synchronize()
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+            # updates 1, 2, 3, ... alternate device, synced, synced, device, device, ... (ABBA)
             elif u > 0 and u % 4 in (0, 1):  # behind a GPU wait: the GPU's work alone
-                waited, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-                waited.record()
+                wait_start, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+                wait_start.record()
                 torch.cuda._sleep(_SLEEP_CYCLES)
                 start.record()
-                issue = time.perf_counter()
+                t0 = time.perf_counter()
                 state.append(new, new)
-                issue = (time.perf_counter() - issue) * 1e3
+                issue_ms = (time.perf_counter() - t0) * 1e3
                 end.record()
                 torch.cuda.synchronize()
-                if issue < waited.elapsed_time(start):  # else the host delayed the GPU
+                if issue_ms < wait_start.elapsed_time(start):  # else the host delayed the GPU
                     device.append(start.elapsed_time(end))
             else:
-                start_s = time.perf_counter()
+                t0 = time.perf_counter()
                 state.append(new, new)
                 issued = time.perf_counter()
                 torch.cuda.synchronize()
@@ -276,18 +287,24 @@ def update_times(graphed: bool, updates: int = 13, profile_at: int | None = None
                 torch.cuda.synchronize()
                 done = time.perf_counter()
                 if u == 0:
-                    first = (updated - start_s) * 1e3
+                    first = (updated - t0) * 1e3
                 else:
-                    synced.append([(t - start_s) * 1e3 for t in (issued, updated, done)])
-        assert state.clustered_len[0] == 8192
+                    host_ms, update_ms, plus_step_ms = (
+                        (t - t0) * 1e3 for t in (issued, updated, done)
+                    )
+                    synced.append((host_ms, update_ms, plus_step_ms))
+        assert state.clustered_len[0] == block
+    host, update, plus_step = zip(*synced, strict=True)
     return dict(
         first_update_ms=first,
-        update_ms=statistics.median(r[1] for r in synced),
-        host_ms=statistics.median(r[0] for r in synced),
-        update_plus_one_step_ms=statistics.median(r[2] for r in synced),
-        device_ms=statistics.median(device) if device else float("nan"),
+        update_ms=statistics.median(update),
+        host_ms=statistics.median(host),
+        update_plus_one_step_ms=statistics.median(plus_step),
+        device_ms=statistics.median(device) if device else None,
         synced_samples=len(synced),
         device_samples=len(device),
+        synced_ms=synced,
+        device_samples_ms=device,
         replays=state.index.update_graphs.replays,
         **({} if table is None else dict(profile=table)),
     )

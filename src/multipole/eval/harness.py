@@ -450,21 +450,22 @@ class _AnswerTally:
     tasks that generate answers (retrieval, GSM) report their means."""
 
     def __init__(self) -> None:
-        self.samples: dict[str, list[tuple[float, float, float]]] = {}
+        self.rows_by_run: dict[str, list[tuple[float, float, float]]] = {}
 
     def add(self, label: str, score: float, agreement: float, read_fraction: float) -> None:
-        self.samples.setdefault(label, []).append((score, agreement, read_fraction))
+        self.rows_by_run.setdefault(label, []).append((score, agreement, read_fraction))
 
     def summary(self) -> dict:
-        return {
-            label: {
-                "accuracy": _mean([s[0] for s in rows]),
-                "agreement": _mean([s[1] for s in rows]),
-                "read_fraction": _mean([s[2] for s in rows]),
+        summary = {}
+        for label, rows in self.rows_by_run.items():
+            scores, agreements, fractions = zip(*rows, strict=True)
+            summary[label] = {
+                "accuracy": _mean(list(scores)),
+                "agreement": _mean(list(agreements)),
+                "read_fraction": _mean(list(fractions)),
                 "samples": len(rows),
             }
-            for label, rows in self.samples.items()
-        }
+        return summary
 
 
 def _append(path: Path, row: dict) -> None:
