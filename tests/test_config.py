@@ -218,6 +218,24 @@ INVALID = [
         id="seed_negative",
     ),
     pytest.param(
+        {"seed": 2**32},
+        ValueError,
+        ("MultipoleConfig.seed", "an int <= 4294967295", "got 4294967296"),
+        id="seed_beyond_32_bits",
+    ),
+    pytest.param(
+        {"token_budget": 2**63},
+        ValueError,
+        ("MultipoleConfig.token_budget", "an int <= 2**62", "got 9223372036854775808"),
+        id="token_budget_beyond_int64",
+    ),
+    pytest.param(
+        {"levels": 2, "coarse_budget": 10**30},
+        ValueError,
+        ("MultipoleConfig.coarse_budget", "an int <= 2**62", "got 1000000000000000000000000000000"),
+        id="coarse_budget_beyond_int64",
+    ),
+    pytest.param(
         {"levels": 3},
         ValueError,
         ("MultipoleConfig.levels", "1 or 2", "got 3"),

@@ -487,3 +487,18 @@ def test_whole_step_graph_bookkeeping_with_emulated_graphs(gen, monkeypatch, pos
         (r0, c0), (r1, c1) = counts[i - 1], counts[i]
         if r1 == r0 + 1 and c1 == c0 and i >= 2 and counts[i - 2][0] < r0:
             assert outs[i] is outs[i - 1]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_a_sliding_window_shorter_than_the_sequence_is_refused(gen, family):
+    """Multipole approximates full attention: a layer whose window hides tokens must not decode
+    over what is left (the window's mask would read as padding). Shorter sequences run."""
+    window = dict(sliding_window=64)
+    if family == "qwen2":
+        window.update(use_sliding_window=True, max_window_layers=0)
+    model = tiny_model(family, int(torch.randint(1000, (1,), generator=gen)), **window)
+    ids = torch.randint(1, 128, (1, 60), generator=gen)
+    ours = generate(model, ids, multipole.MultipoleCache(FULL), max_new_tokens=4)
+    assert torch.equal(ours, generate(model, ids, max_new_tokens=4))
+    with pytest.raises(NotImplementedError, match="sliding window of 64 tokens"):
+        generate(model, ids, multipole.MultipoleCache(FULL), max_new_tokens=8)

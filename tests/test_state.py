@@ -11,6 +11,7 @@ import torch
 
 import multipole
 from multipole import MultipoleConfig, MultipoleState, dense_attention
+from multipole.baselines import METHODS
 from multipole.synthetic import PlantedKV
 
 SMALL = MultipoleConfig(interval=32, block_size=256, sink_tokens=4, token_budget=48)
@@ -96,7 +97,9 @@ def test_small_budget_reads_less_and_stays_close_on_clustered_data(gen):
 def test_ragged_batch_equals_sequences_run_alone(gen, levels):
     lengths = [700, 1000, 333, 1]
     k, v = _kv(gen, 4, 2, 1000, 32)
-    k[0, :, 700:] = 1e3  # padding must not matter
+    k[0, :, 700:] = 1e3  # padding must not matter, NaN included
+    v[0, :, 700:] = float("nan")
+    k[2, :, 333:] = float("nan")
     q = torch.randn(4, 4, 32, generator=gen)
     cfg = dataclasses.replace(SMALL, levels=levels)
     batch = MultipoleState.prefill(k, v, cfg, lengths=torch.tensor(lengths))
@@ -448,3 +451,32 @@ def test_long_generation_keeps_spare_capacity_small(gen):
     assert n == 9000
     for store in (state._keys, state._values, state.index.labels):
         assert n <= store.shape[2] <= n + n // 8 + GROW_MIN
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_nan_in_the_padding_changes_no_output(gen, method):
+    """Right padding may hold anything: a masked token must not enter as ``0 x NaN``."""
+    lengths = torch.tensor([40, 150])
+    k, v = _kv(gen, 2, 2, 150, 16)
+    q = torch.randn(2, 4, 16, generator=gen)
+    clean = METHODS[method].prefill(k, v, SMALL, lengths=lengths)
+    k[0, :, 40:], v[0, :, 40:] = float("nan"), float("inf")
+    dirty = METHODS[method].prefill(k, v, SMALL, lengths=lengths)
+    torch.testing.assert_close(dirty.attend(q), clean.attend(q), rtol=0, atol=0)
+    exact = dense_attention(q, k, v, lengths=lengths)
+    assert torch.isfinite(exact).all()
+    torch.testing.assert_close(exact[0], dense_attention(q[:1], k[:1, :, :40], v[:1, :, :40])[0])
+
+
+def test_stats_of_the_last_attend_follow_reordered_rows_and_survive_dropped_drafts(gen):
+    lengths = [300, 200]
+    k, v = _kv(gen, 2, 2, 300, 16)
+    state = MultipoleState.prefill(k, v, SMALL, lengths=torch.tensor(lengths))
+    state.attend(torch.randn(2, 4, 16, generator=gen))
+    tokens, mask = state._reads.tokens_exact.clone(), state.exact_tokens().clone()
+    state.select_sequences([1, 1])
+    assert torch.equal(state._reads.tokens_exact, tokens[[1, 1]])
+    assert torch.equal(state.exact_tokens(), mask[[1, 1]])
+    read = state.stats().bytes_read
+    state.drop_newest(2)
+    assert state.stats().bytes_read == read

@@ -14,6 +14,10 @@ def _fail(field: str, expected: str, got: Any) -> None:
     raise ValueError(f"MultipoleConfig.{field}: expected {expected}, got {got!r}")
 
 
+MAX_TOKENS = 2**62  # token counts the tensors index with int64, sums included
+MAX_SEED = 2**32 - 1  # k-means seeds hash (seed, head, position) in 32 bits
+
+
 def _check_budget(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(
@@ -22,6 +26,8 @@ def _check_budget(field: str, value: Any) -> None:
         )
     if isinstance(value, int) and value < 0:
         _fail(field, "an int >= 0 (tokens per KV head)", value)
+    if isinstance(value, int) and value > MAX_TOKENS:
+        _fail(field, "an int <= 2**62 (tokens per KV head; int64 counts)", value)
     if isinstance(value, float) and not 0.0 < value < 1.0:
         _fail(field, "a float in (0, 1) (fraction of the clustered region)", value)
 
@@ -118,14 +124,14 @@ class MultipoleConfig:
                 _fail(field, "a float in (0, 1]", value)
         _check_budget("token_budget", self.token_budget)
         _check_budget("coarse_budget", self.coarse_budget)
-        for field, minimum in (
-            ("sink_tokens", 0),
-            ("interval", 1),
-            ("block_size", 1),
-            ("kmeans_iters", 1),
-            ("update_iters", 1),
-            ("lookup_position", 0),
-            ("seed", 0),
+        for field, minimum, maximum in (
+            ("sink_tokens", 0, MAX_TOKENS),
+            ("interval", 1, MAX_TOKENS),
+            ("block_size", 1, MAX_TOKENS),
+            ("kmeans_iters", 1, MAX_TOKENS),
+            ("update_iters", 1, MAX_TOKENS),
+            ("lookup_position", 0, MAX_TOKENS),
+            ("seed", 0, MAX_SEED),
         ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -134,6 +140,8 @@ class MultipoleConfig:
                 )
             if value < minimum:
                 _fail(field, f"an int >= {minimum}", value)
+            if value > maximum:
+                _fail(field, f"an int <= {maximum}", value)
         if self.block_size % self.interval:
             _fail("block_size", f"a multiple of interval={self.interval}", self.block_size)
         if isinstance(self.levels, bool) or not isinstance(self.levels, int):

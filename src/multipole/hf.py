@@ -473,6 +473,15 @@ def multipole_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                 **kwargs,
             )  # fmt: skip
+    window = kwargs.get("sliding_window")
+    if window is not None and layer.get_seq_length() > window:
+        raise NotImplementedError(
+            f"MultipoleCache: layer {module.layer_idx} attends through a sliding window of "
+            f"{window} tokens and its sequences now hold {layer.get_seq_length()}: Multipole "
+            "Attention approximates full attention and has no window. Set the model config's "
+            "sliding_window to None (full attention) or keep these layers dense (None in the "
+            "list of per-layer configs)"
+        )
     if layer.state is None:
         layer.build_state(attention_mask, module)
     layer._attended = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -164,9 +164,8 @@ class DecodeState:
         ):
             raise ValueError(f"first_kv_head: expected an int >= 0, got {first_kv_head!r}")
         seq_lens = seq_lens.tolist()
-        return cls(
-            _clone(keys), _clone(values), config, _clone(cluster_keys), seq_lens, first_kv_head
-        )
+        keys, values, cluster_keys = (_clone(t, seq_lens) for t in (keys, values, cluster_keys))
+        return cls(keys, values, config, cluster_keys, seq_lens, first_kv_head)
 
     @classmethod
     def fixed_bytes_per_head(
@@ -323,7 +322,12 @@ class DecodeState:
             take_rows_(t, device_rows, done)
         self.seq_lens = [self.seq_lens[i] for i in rows]
         self.clustered_len = [self.clustered_len[i] for i in rows]
-        self._reads = None
+        if self._reads is not None:  # the last attend's counts follow their rows (stats())
+            counts = {f.name: getattr(self._reads, f.name) for f in fields(Reads)}
+            rows_of = {
+                k: t if t is None else t.index_select(0, device_rows) for k, t in counts.items()
+            }
+            self._reads = Reads(**rows_of)
         self._select_rows(rows, device_rows, done)
 
     def drop_newest(self, count: int) -> None:
@@ -347,8 +351,7 @@ class DecodeState:
                 f"which no online update has clustered yet), got {count}"
             )
         self.seq_lens = [n - count for n in self.seq_lens]
-        self._seq_lens_device -= count
-        self._reads = None
+        self._seq_lens_device -= count  # stats() still describe the last attend
 
     def _select_rows(self, rows: list[int], device_rows: torch.Tensor, done: set[int]) -> None:
         """Hook of :meth:`select_sequences` for a subclass's own per-sequence state (``done``:
@@ -821,6 +824,7 @@ def dense_attention(
         checks.check_finite("keys", keys, seq_lens)
         checks.check_finite("values", values, seq_lens)
     mask = (torch.arange(n, device=keys.device) < seq_lens.unsqueeze(1)).unsqueeze(1)
+    values = values.masked_fill(~mask.unsqueeze(-1), 0)  # padding may hold NaN: 0 x NaN = NaN
     out, lse = attend_tokens(q.reshape(b, h, group, d), keys, values, mask, scale)
     out = out.reshape(q.shape).to(q.dtype)
     return (out, lse.reshape(b, -1).float()) if return_lse else out
@@ -882,6 +886,13 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A contiguous copy (the kernels address the cache as ``[B, H_kv, N, D]`` row-major)."""
-    return None if t is None else t.clone(memory_format=torch.contiguous_format)
+def _clone(t: torch.Tensor | None, seq_lens: list[int]) -> torch.Tensor | None:
+    """A contiguous copy (the kernels address the cache as ``[B, H_kv, N, D]`` row-major) with
+    the right padding past each row's length zeroed: padding may hold anything, NaN included,
+    and a masked-out token still enters ``weights @ values`` as ``0 x value``."""
+    if t is None:
+        return None
+    copy = t.clone(memory_format=torch.contiguous_format)
+    for row, length in enumerate(seq_lens):
+        copy[row, :, length:] = 0
+    return copy
