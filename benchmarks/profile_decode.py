@@ -122,15 +122,15 @@ def main() -> None:
     model = bd.build_model(arch, a.layers, dtype=dtype, device="cuda")
     bd.warm_up_kernels(s, arch["num_attention_heads"], a.context, a.batch)
     report = dict(gpu=torch.cuda.get_device_name(0), args=vars(a), versions=versions(), runs={})
-    runs = [("dense", "dense", "default")] + [
-        (f"multipole[{t}]", "multipole", t) for t in a.tunings.split(",")
+    runs = [("dense", "dense", fused_mod.Tuning())] + [
+        (f"multipole[{spec}]", "multipole", tuning) for spec, tuning in tunings.items()
     ]
     if not 0 < a.window < a.steps:
         raise SystemExit(f"--window: expected 1 to {a.steps - 1} steps (< --steps), got {a.window}")
     first = (a.steps - a.window) // 2  # the window's first timed step
     try:
         for name, method, tuning in runs:
-            fused_mod.TUNING = tunings[tuning] if method == "multipole" else fused_mod.Tuning()
+            fused_mod.TUNING = tuning
             with _Window(a.warmup + first, a.window) as window:
                 row, decoded = bd.run_method(method, model, s, a.context, a.batch, a.layers)
             r = window.result

@@ -824,7 +824,8 @@ def dense_attention(
         checks.check_finite("keys", keys, seq_lens)
         checks.check_finite("values", values, seq_lens)
     mask = (torch.arange(n, device=keys.device) < seq_lens.unsqueeze(1)).unsqueeze(1)
-    values = values.masked_fill(~mask.unsqueeze(-1), 0)  # padding may hold NaN: 0 x NaN = NaN
+    if lengths is not None:  # padding may hold NaN, and a masked token adds 0 x NaN = NaN
+        values = values.masked_fill(~mask.unsqueeze(-1), 0)
     out, lse = attend_tokens(q.reshape(b, h, group, d), keys, values, mask, scale)
     out = out.reshape(q.shape).to(q.dtype)
     return (out, lse.reshape(b, -1).float()) if return_lse else out
@@ -894,5 +895,6 @@ def _clone(t: torch.Tensor | None, seq_lens: list[int]) -> torch.Tensor | None:
         return None
     copy = t.clone(memory_format=torch.contiguous_format)
     for row, length in enumerate(seq_lens):
-        copy[row, :, length:] = 0
+        if length < copy.shape[2]:
+            copy[row, :, length:] = 0
     return copy
